@@ -1,0 +1,352 @@
+"""``ClipSam``: segment-anything's parts + an open_clip model + one conditioning strategy.
+
+Flow (embed once, prompt many)::
+
+    feats = model.embed_image(images)        # text-independent: SAM encoder prefix + CLIP patches
+    enc = model.condition(feats, texts)      # text-dependent: adapted blocks / prompt tokens / map
+    masks, iou = model.decode(enc, prompts)  # mask decoder only
+
+Images enter as (B, 3, S, S) float RGB in [0, 1], S = ``config.sam.img_size`` (the engine
+normalises, resizes and pads). Prompts are in input pixel coordinates of that S×S frame.
+Masks come out as low-resolution logits (N, M, 4h, 4w) where h = S / patch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+
+from segment_anything.modeling import Sam
+from torch import nn
+
+from .clip_parts import ClipConfig, build_clip, clip_embed_dim, clip_text_width
+from .conditioning import Context, build_conditioning
+from .sam_parts import SamConfig, build_sam
+from .semantics import DEFAULT_TEMPLATES, ClipSemantics, TextFeatures, resize_to_grid, similarity_map
+
+
+@dataclass
+class ClipSamConfig:
+    """Everything needed to rebuild a ClipSam exactly (saved with checkpoints and adapters)."""
+
+    sam: SamConfig = field(default_factory=SamConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    strategy: str = "adapter"
+    strategy_options: dict = field(default_factory=dict)
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    surgery: bool = True
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sam"] = self.sam.to_dict()
+        d["clip"] = self.clip.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClipSamConfig":
+        return cls(
+            sam=SamConfig.from_dict(d["sam"]),
+            clip=ClipConfig.from_dict(d["clip"]),
+            strategy=d.get("strategy", "adapter"),
+            strategy_options=dict(d.get("strategy_options", {})),
+            templates=tuple(d.get("templates", DEFAULT_TEMPLATES)),
+            surgery=bool(d.get("surgery", True)),
+        )
+
+
+@dataclass
+class ImageFeatures:
+    """Text-independent features of B images.
+
+    tokens: (B, h, w, C) encoder tokens after the text-independent prefix of blocks, or None when
+    the whole encoder is text-independent; embeddings: (B, P, h, w) final SAM embeddings in that
+    case, else None; patches: (B, D, g, g) CLIP patch features.
+    """
+
+    tokens: torch.Tensor | None
+    embeddings: torch.Tensor | None
+    patches: torch.Tensor
+
+    def index(self, idx: Sequence[int] | torch.Tensor) -> "ImageFeatures":
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.patches.device)
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return ImageFeatures(pick(self.tokens), pick(self.embeddings), self.patches[idx])
+
+
+@dataclass
+class Encoded:
+    """B (image, text) rows ready for decoding.
+
+    embeddings: (B, P, h, w); prompt_tokens: (B, K, P) extra sparse tokens or None; semantic:
+    (B, 1, 4h, 4w) strategy semantic logits or None; similarity: (B, 1, h, w) CLIP similarity
+    on SAM's grid or None without text; texts: the row texts (None rows without text).
+    """
+
+    embeddings: torch.Tensor
+    prompt_tokens: torch.Tensor | None = None
+    semantic: torch.Tensor | None = None
+    similarity: torch.Tensor | None = None
+    texts: tuple[str | None, ...] = ()
+
+
+@dataclass
+class Prompts:
+    """N prompts, each for one row of an :class:`Encoded`, all with the same number of points.
+
+    image_index: (N,) row of each prompt; points: (N, P, 2) (x, y) input pixels or None;
+    labels: (N, P) 1 positive / 0 negative / -1 padding; boxes: (N, 4) x0, y0, x1, y1 or None;
+    masks: (N, 1, 4h, 4w) mask-prompt logits or None.
+    """
+
+    image_index: torch.Tensor
+    points: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.image_index = torch.as_tensor(self.image_index, dtype=torch.long).reshape(-1)
+        n = len(self.image_index)
+        if (self.points is None) != (self.labels is None):
+            raise ValueError("points and labels must be given together")
+        if self.points is not None:
+            self.points = torch.as_tensor(self.points, dtype=torch.float32)
+            self.labels = torch.as_tensor(self.labels, dtype=torch.long)
+            if self.points.ndim != 3 or self.points.shape[0] != n or self.points.shape[-1] != 2:
+                raise ValueError(f"points must be (N={n}, P, 2), got {tuple(self.points.shape)}")
+            if self.labels.shape != self.points.shape[:2]:
+                raise ValueError(f"labels must be (N, P)={tuple(self.points.shape[:2])}, got {tuple(self.labels.shape)}")
+        if self.boxes is not None:
+            self.boxes = torch.as_tensor(self.boxes, dtype=torch.float32)
+            if self.boxes.shape != (n, 4):
+                raise ValueError(f"boxes must be (N={n}, 4), got {tuple(self.boxes.shape)}")
+        if self.masks is not None and (self.masks.ndim != 4 or self.masks.shape[:2] != (n, 1)):
+            raise ValueError(f"masks must be (N={n}, 1, H, W), got {tuple(self.masks.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+    def to(self, device: torch.device | str) -> "Prompts":
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Prompts(self.image_index.to(device), mv(self.points), mv(self.labels), mv(self.boxes), mv(self.masks))
+
+
+class ClipSam(nn.Module):
+    """A text-conditioned SAM. See the module docstring for the flow.
+
+    ``sam`` and ``clip`` may be given (e.g. loaded from official checkpoints); otherwise they are
+    built with random weights from ``config``.
+    """
+
+    def __init__(self, config: ClipSamConfig, sam: Sam | None = None,
+                 clip: tuple[nn.Module, object] | None = None):
+        super().__init__()
+        self.config = config
+        self.sam = sam if sam is not None else build_sam(config.sam)
+        clip_model, tokenizer = clip if clip is not None else build_clip(config.clip)
+        self.semantics = ClipSemantics(clip_model, tokenizer, config.clip.image_size, config.clip.mean,
+                                       config.clip.std, config.templates, config.surgery)
+        patch = clip_model.visual.patch_size
+        patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+        self.conditioning = build_conditioning(
+            config.strategy, sam=config.sam, clip_dim=clip_embed_dim(clip_model),
+            text_width=clip_text_width(clip_model), clip_grid=config.clip.image_size // patch,
+            **config.strategy_options,
+        )
+        adapted = self.conditioning.adapted_blocks
+        self.prefix_blocks = min(adapted) if adapted else config.sam.encoder_depth
+        self.eval()
+
+    # ---- helpers ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.sam.pixel_mean.device
+
+    @property
+    def img_size(self) -> int:
+        return self.config.sam.img_size
+
+    @property
+    def embed_size(self) -> int:
+        return self.config.sam.embed_size
+
+    @property
+    def mask_size(self) -> int:
+        """Side of the low-resolution mask logits (4× the embedding grid)."""
+        return 4 * self.embed_size
+
+    @property
+    def text_dependent_encoder(self) -> bool:
+        return self.prefix_blocks < self.config.sam.encoder_depth
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        s = self.img_size
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (s, s):
+            raise ValueError(f"images must be (B, 3, {s}, {s}) floats in [0, 1], got {tuple(images.shape)}")
+
+    # ---- encoder ------------------------------------------------------------------------------
+    def embed_image(self, images: torch.Tensor) -> ImageFeatures:
+        """Text-independent features of (B, 3, S, S) images in [0, 1]."""
+        self._check_images(images)
+        enc = self.sam.image_encoder
+        x = (images * 255.0 - self.sam.pixel_mean) / self.sam.pixel_std
+        x = enc.patch_embed(x)
+        if enc.pos_embed is not None:
+            x = x + enc.pos_embed
+        for blk in enc.blocks[: self.prefix_blocks]:
+            x = blk(x)
+        patches = self.semantics.patch_features(images)
+        if self.text_dependent_encoder:
+            return ImageFeatures(tokens=x, embeddings=None, patches=patches)
+        return ImageFeatures(tokens=None, embeddings=enc.neck(x.permute(0, 3, 1, 2)), patches=patches)
+
+    def text_features(self, texts: Sequence[str]) -> TextFeatures:
+        return self.semantics.text_features(list(texts))
+
+    def condition(self, feats: ImageFeatures, texts: Sequence[str | None] | None) -> Encoded:
+        """Apply texts (one per row, or None for plain SAM) to image features."""
+        b = feats.patches.shape[0]
+        texts = tuple(texts) if texts is not None else (None,) * b
+        if len(texts) != b:
+            raise ValueError(f"got {len(texts)} texts for {b} images: give one text per image (or None)")
+        has_text = [t is not None for t in texts]
+        if any(has_text) and not all(has_text):
+            raise ValueError("either every image in a batch has a text or none has: split the batch")
+        enc = self.sam.image_encoder
+        if not any(has_text):
+            emb = feats.embeddings
+            if emb is None:
+                x = feats.tokens
+                for blk in enc.blocks[self.prefix_blocks:]:
+                    x = blk(x)
+                emb = enc.neck(x.permute(0, 3, 1, 2))
+            return Encoded(embeddings=emb, texts=texts)
+        text = self.text_features(texts)
+        sim = similarity_map(feats.patches, text.embedding)
+        ctx = Context(text=text, patches=feats.patches, similarity=sim)
+        emb = feats.embeddings
+        if emb is None:
+            state = self.conditioning.prepare(ctx, self.embed_size)
+            x = feats.tokens
+            for i in range(self.prefix_blocks, len(enc.blocks)):
+                x = enc.blocks[i](x)
+                x = self.conditioning.adapt(i, x, state)
+            emb = enc.neck(x.permute(0, 3, 1, 2))
+        return Encoded(
+            embeddings=emb,
+            prompt_tokens=self.conditioning.prompt_tokens(ctx),
+            semantic=self.conditioning.semantic_logits(ctx, self.mask_size),
+            similarity=resize_to_grid(sim, self.embed_size),
+            texts=texts,
+        )
+
+    def encode(self, images: torch.Tensor, texts: Sequence[str | None] | None = None) -> Encoded:
+        """(B, 3, S, S) images in [0, 1] and one text per image → :class:`Encoded`."""
+        return self.condition(self.embed_image(images), texts)
+
+    # ---- decoder ------------------------------------------------------------------------------
+    def decode(self, enc: Encoded, prompts: Prompts | Sequence[Prompts],
+               multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks for prompts → (low-res logits (N, M, 4h, 4w), predicted IoU (N, M)).
+
+        M = 3 with ``multimask`` else 1. Each prompt is decoded against its own row's embedding
+        (unlike segment-anything's ``predict_masks``, which repeats every embedding per prompt).
+        A list of :class:`Prompts` (different point counts) is decoded group by group and
+        concatenated in order.
+        """
+        if not isinstance(prompts, Prompts):
+            outs = [self.decode(enc, p, multimask) for p in prompts]
+            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        p = prompts.to(self.device)
+        n = len(p)
+        b = enc.embeddings.shape[0]
+        if n and (int(p.image_index.min()) < 0 or int(p.image_index.max()) >= b):
+            raise ValueError(f"prompt image_index out of range for {b} encoded images")
+        pe = self.sam.prompt_encoder
+        masks = p.masks
+        no_spatial = p.points is None and p.boxes is None and masks is None
+        if no_spatial and enc.semantic is not None:
+            masks = enc.semantic[p.image_index]
+        points = (p.points, p.labels) if p.points is not None else None
+        sparse, dense = pe(points=points, boxes=p.boxes, masks=masks)
+        if sparse.shape[0] != n:
+            sparse = sparse.expand(n, -1, -1)
+        if dense.shape[0] != n:
+            dense = dense.expand(n, -1, -1, -1)
+        if enc.prompt_tokens is not None:
+            sparse = torch.cat([sparse, enc.prompt_tokens[p.image_index].to(sparse.dtype)], dim=1)
+        return self._predict_masks(enc.embeddings[p.image_index], sparse, dense, multimask)
+
+    def _predict_masks(self, emb: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
+                       multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        md = self.sam.mask_decoder
+        n = emb.shape[0]
+        out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
+        tokens = torch.cat([out_tokens[None].expand(n, -1, -1).to(sparse.dtype), sparse], dim=1)
+        src = emb + dense
+        pos = self.sam.prompt_encoder.get_dense_pe().expand(n, -1, -1, -1)
+        hs, src = md.transformer(src, pos, tokens)
+        c, h, w = emb.shape[1:]
+        iou_out = hs[:, 0]
+        mask_out = hs[:, 1 : 1 + md.num_mask_tokens]
+        up = md.output_upscaling(src.transpose(1, 2).reshape(n, c, h, w))
+        sel = slice(1, None) if multimask else slice(0, 1)
+        idx = range(md.num_mask_tokens)[sel]
+        hyper = torch.stack([md.output_hypernetworks_mlps[i](mask_out[:, i]) for i in idx], dim=1)
+        b, cu, hu, wu = up.shape
+        masks = (hyper @ up.reshape(b, cu, hu * wu)).reshape(b, -1, hu, wu)
+        iou = md.iou_prediction_head(iou_out)[:, sel]
+        return masks, iou
+
+    def semantic_logits(self, enc: Encoded) -> torch.Tensor:
+        """Text → pixel map (B, 1, 4h, 4w) logits: the strategy's own map, or text-only decoding."""
+        if enc.semantic is not None:
+            return enc.semantic
+        b = enc.embeddings.shape[0]
+        masks, _ = self.decode(enc, Prompts(torch.arange(b)))
+        return masks
+
+    def forward(self, images: torch.Tensor, texts: Sequence[str | None] | None,
+                prompts: Prompts | Sequence[Prompts], multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training entry: encode a batch with per-sample texts and decode its prompts."""
+        return self.decode(self.encode(images, texts), prompts, multimask)
+
+    # ---- introspection ------------------------------------------------------------------------
+    def describe(self) -> dict[str, dict[str, int]]:
+        """Parameter counts per part: {part: {"total": n, "trainable": n}}, plus "all"."""
+        parts = {
+            "image_encoder": self.sam.image_encoder,
+            "prompt_encoder": self.sam.prompt_encoder,
+            "mask_decoder": self.sam.mask_decoder,
+            "clip": self.semantics.clip,
+            "conditioning": self.conditioning,
+        }
+        out = {}
+        for name, mod in parts.items():
+            ps = list(mod.parameters())
+            out[name] = {"total": sum(p.numel() for p in ps),
+                         "trainable": sum(p.numel() for p in ps if p.requires_grad)}
+        allp = list(self.parameters())
+        out["all"] = {"total": sum(p.numel() for p in allp),
+                      "trainable": sum(p.numel() for p in allp if p.requires_grad)}
+        return out
+
+    def freeze_base(self) -> None:
+        """Freeze SAM and CLIP; leave only the strategy's parameters trainable."""
+        self.sam.requires_grad_(False)
+        self.semantics.clip.requires_grad_(False)
+        self.conditioning.requires_grad_(True)
+
+
+def tiny_config(strategy: str = "adapter", **options) -> ClipSamConfig:
+    """A tiny ClipSam (64 px input) for tests: builds in milliseconds."""
+    from .clip_parts import tiny_clip_config
+    from .sam_parts import SAM_CONFIGS
+
+    return ClipSamConfig(sam=SAM_CONFIGS["tiny"], clip=tiny_clip_config(), strategy=strategy,
+                         strategy_options=options)
+
+
+__all__ = ["ClipSam", "ClipSamConfig", "Encoded", "ImageFeatures", "Prompts", "tiny_config"]

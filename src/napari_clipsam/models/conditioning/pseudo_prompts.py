@@ -1,0 +1,146 @@
+"""Pseudo prompts from a correlation map (after ESC-Net), and the ``pseudo`` strategy.
+
+:func:`pseudo_prompts` turns a per-pixel probability map of a text into regions — connected
+components, with large components split by k-means on pixel coordinates — and gives each region
+one point (its highest-probability pixel) and its mask. Fed to SAM as point + mask prompts, each
+region yields one instance mask; all regions are decoded in one batch. Every strategy uses it as
+the instance mechanism of text-only mode.
+
+The ``pseudo`` strategy itself learns only a light semantic head: raw CLIP similarity plus a
+zero-initialised refinement from CLIP patch features modulated by the text, and a text token
+for the decoder. Untrained, its map *is* the raw CLIP similarity, as in ESC-Net.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch import nn
+
+from ..sam_parts import SamConfig
+from .base import Conditioning, Context
+
+
+@dataclass
+class PseudoPrompts:
+    """N regions of a (H, W) map: points (N, 2) as (x, y) pixel centres, masks (N, H, W) bool,
+    scores (N,) mean probability inside each region."""
+
+    points: np.ndarray
+    masks: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+
+def _kmeans(coords: np.ndarray, k: int, iters: int = 10) -> np.ndarray:
+    """Deterministic k-means on (n, 2) coordinates (farthest-point initialisation) → labels (n,)."""
+    centres = [coords[0]]
+    for _ in range(1, k):
+        d = np.min([((coords - c) ** 2).sum(1) for c in centres], axis=0)
+        centres.append(coords[int(np.argmax(d))])
+    centres = np.array(centres, dtype=np.float64)
+    labels = np.zeros(len(coords), dtype=np.int64)
+    for _ in range(iters):
+        d = ((coords[:, None, :] - centres[None]) ** 2).sum(-1)
+        labels = d.argmin(1)
+        for j in range(k):
+            sel = coords[labels == j]
+            if len(sel):
+                centres[j] = sel.mean(0)
+    return labels
+
+
+def pseudo_prompts(
+    prob: np.ndarray,
+    threshold: float = 0.5,
+    min_area: int = 4,
+    split_area: float | None = None,
+    max_splits: int = 5,
+    max_regions: int = 512,
+) -> PseudoPrompts:
+    """Regions of ``prob`` (H, W) in [0, 1] above ``threshold``, one point + mask each.
+
+    A component larger than ``split_area`` pixels (default: 2.5× the median component area) is
+    split by k-means on its pixel coordinates into ``round(area / typical area)`` regions, at most
+    ``max_splits``. Components smaller than ``min_area`` are dropped.
+    """
+    prob = np.asarray(prob, dtype=np.float32)
+    if prob.ndim != 2:
+        raise ValueError(f"pseudo_prompts expects a (H, W) map, got shape {prob.shape}")
+    if not np.isfinite(prob).all():
+        raise ValueError("pseudo_prompts: the probability map contains NaN or inf")
+    h, w = prob.shape
+    comp, n = ndimage.label(prob > threshold)
+    empty = PseudoPrompts(np.zeros((0, 2), np.float32), np.zeros((0, h, w), bool), np.zeros(0, np.float32))
+    if n == 0:
+        return empty
+    areas = ndimage.sum_labels(np.ones_like(comp), comp, index=np.arange(1, n + 1))
+    kept = [i + 1 for i, a in enumerate(areas) if a >= min_area]
+    if not kept:
+        return empty
+    typical = float(np.median([areas[i - 1] for i in kept]))
+    split_at = split_area if split_area is not None else 2.5 * typical
+    points, masks, scores = [], [], []
+    for lab in kept:
+        region = comp == lab
+        area = areas[lab - 1]
+        parts = [region]
+        if area > split_at and max_splits > 1:
+            k = int(min(max_splits, max(2, round(area / max(typical, 1.0)))))
+            ys, xs = np.nonzero(region)
+            coords = np.stack([ys, xs], 1).astype(np.float64)
+            labels = _kmeans(coords, k)
+            parts = []
+            for j in range(k):
+                part = np.zeros_like(region)
+                part[ys[labels == j], xs[labels == j]] = True
+                if part.sum() >= min_area:
+                    parts.append(part)
+        for part in parts:
+            vals = np.where(part, prob, -1.0)
+            y, x = np.unravel_index(int(np.argmax(vals)), vals.shape)
+            points.append((x + 0.5, y + 0.5))
+            masks.append(part)
+            scores.append(float(prob[part].mean()))
+            if len(points) >= max_regions:
+                break
+    order = np.argsort(scores)[::-1]
+    return PseudoPrompts(
+        np.asarray(points, np.float32)[order], np.asarray(masks, bool)[order], np.asarray(scores, np.float32)[order]
+    )
+
+
+class PseudoConditioning(Conditioning):
+    """Semantic head over CLIP features + a text token for SAM's decoder."""
+
+    name = "pseudo"
+
+    def __init__(self, sam: SamConfig, clip_dim: int, text_width: int, clip_grid: int,
+                 hidden: int = 64):
+        super().__init__(sam, clip_dim, text_width, clip_grid)
+        self.text_token = nn.Linear(clip_dim, sam.prompt_embed_dim)
+        self.feat = nn.Conv2d(clip_dim + 1, hidden, kernel_size=1)
+        self.film = nn.Linear(clip_dim, 2 * hidden)
+        self.refine = nn.Sequential(
+            nn.Conv2d(hidden, hidden, kernel_size=3, padding=1), nn.GELU(), nn.Conv2d(hidden, 1, kernel_size=1)
+        )
+        nn.init.zeros_(self.refine[-1].weight)
+        nn.init.zeros_(self.refine[-1].bias)
+        self.sim_scale = nn.Parameter(torch.tensor(10.0))
+        self.sim_offset = nn.Parameter(torch.tensor(0.5))
+
+    def prompt_tokens(self, ctx: Context) -> torch.Tensor:
+        return self.text_token(ctx.text.embedding)[:, None]
+
+    def semantic_logits(self, ctx: Context, size: int) -> torch.Tensor:
+        scale, shift = self.film(ctx.text.embedding).chunk(2, dim=-1)
+        h = self.feat(torch.cat([ctx.patches, ctx.similarity], dim=1))
+        h = F.gelu(h * (1 + scale[..., None, None]) + shift[..., None, None])
+        logits = self.sim_scale * (ctx.similarity - self.sim_offset) + self.refine(h)
+        return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)

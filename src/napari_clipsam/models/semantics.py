@@ -1,0 +1,167 @@
+"""CLIP semantics for SAM: text embeddings, dense patch features and the text–image similarity map.
+
+All CLIP computations here are frozen by default (``requires_grad`` off, no autograd graph):
+they are computed once per image and once per text and cached by the callers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "{}",
+    "a fluorescence microscopy image of {}",
+    "a microscopy image of {}",
+    "{} in a cell",
+)
+
+
+@dataclass
+class TextFeatures:
+    """Features of T texts.
+
+    embedding: (T, D) unit vectors in CLIP's joint space (templates averaged, optional
+    empty-text subtraction). tokens: (T, L, W) per-token features of the plain text; token_mask:
+    (T, L) bool, True for real tokens.
+    """
+
+    embedding: torch.Tensor
+    tokens: torch.Tensor
+    token_mask: torch.Tensor
+
+    def index(self, idx: Sequence[int] | torch.Tensor) -> "TextFeatures":
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.embedding.device)
+        return TextFeatures(self.embedding[idx], self.tokens[idx], self.token_mask[idx])
+
+
+class ClipSemantics(nn.Module):
+    """Wraps an open_clip model and its tokenizer.
+
+    Parameters
+    ----------
+    clip : open_clip ``CLIP`` model.
+    tokenizer : callable mapping a list of strings to (T, L) token ids.
+    image_size : CLIP's input side in pixels.
+    mean, std : CLIP's image normalisation (on [0, 1] RGB).
+    templates : prompt templates, ``"{}"`` is replaced by the text.
+    surgery : subtract the embedding of the empty text (CLIP Surgery's redundancy removal).
+    """
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer: Callable,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        surgery: bool = True,
+    ):
+        super().__init__()
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.templates = tuple(templates)
+        self.surgery = surgery
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.clip.requires_grad_(False)
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def trainable(self) -> bool:
+        return any(p.requires_grad for p in self.clip.parameters())
+
+    def clear_cache(self) -> None:
+        self._text_cache.clear()
+
+    def _device(self) -> torch.device:
+        return self.mean.device
+
+    # ---- text ---------------------------------------------------------------------------------
+    def _encode_raw(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(texts).to(self._device())
+        return F.normalize(self.clip.encode_text(ids).float(), dim=-1)
+
+    def _token_features(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.tokenizer(texts).to(self._device())
+        m = self.clip
+        if hasattr(m, "token_embedding"):
+            x = m.token_embedding(ids) + m.positional_embedding
+            x = m.transformer(x, attn_mask=m.attn_mask)
+            x = m.ln_final(x)
+            mask = ids != 0
+            return x.float(), mask
+        # Towers without per-token access (e.g. HF text encoders): the pooled embedding as one token.
+        pooled = m.encode_text(ids).float()
+        return pooled[:, None], torch.ones(len(texts), 1, dtype=torch.bool, device=pooled.device)
+
+    def _compute_text(self, text: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        emb = self._encode_raw([t.format(text) for t in self.templates]).mean(0)
+        if self.surgery:
+            empty = self._encode_raw([t.format("").strip() for t in self.templates]).mean(0)
+            emb = emb - empty
+        emb = F.normalize(emb, dim=-1)
+        tokens, mask = self._token_features([text])
+        return emb, tokens[0], mask[0]
+
+    def text_features(self, texts: Sequence[str]) -> TextFeatures:
+        """Features of ``texts`` (cached per string while CLIP is frozen)."""
+        if isinstance(texts, str):
+            raise TypeError("text_features expects a list of strings, not a single string")
+        rows = []
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError(f"text must be a non-empty string, got {t!r}")
+            key = t.strip().lower()
+            hit = None if self.trainable or self.training else self._text_cache.get(key)
+            if hit is None:
+                with torch.set_grad_enabled(self.trainable):
+                    hit = self._compute_text(key)
+                if not self.trainable:
+                    self._text_cache[key] = hit
+            rows.append(hit)
+        length = max(r[1].shape[0] for r in rows)
+        width = rows[0][1].shape[1]
+        tokens = torch.zeros(len(rows), length, width, device=rows[0][0].device)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool, device=rows[0][0].device)
+        for i, (_, tok, m) in enumerate(rows):
+            tokens[i, : tok.shape[0]] = tok
+            mask[i, : m.shape[0]] = m
+        return TextFeatures(torch.stack([r[0] for r in rows]), tokens, mask)
+
+    # ---- image --------------------------------------------------------------------------------
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Dense CLIP features (B, D, g, g), unit-normalised, for (B, 3, H, W) images in [0, 1]."""
+        x = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
+                          align_corners=False, antialias=images.shape[-1] > self.image_size)
+        x = (x - self.mean) / self.std
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            visual = self.clip.visual
+            out = visual.forward_intermediates(x, indices=1, normalize_intermediates=True,
+                                               intermediates_only=True)
+            tokens = out["image_intermediates"][-1]  # (B, W, g, g)
+            if getattr(visual, "proj", None) is not None:
+                tokens = torch.einsum("bwhv,wd->bdhv", tokens, visual.proj)
+        return F.normalize(tokens.float(), dim=1)
+
+
+def similarity_map(patches: torch.Tensor, text_embedding: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity (B, 1, g, g) of patch features (B, D, g, g) with texts (B, D),
+    min–max normalised per image to [0, 1]."""
+    s = torch.einsum("bdhw,bd->bhw", patches, text_embedding)[:, None]
+    lo = s.amin(dim=(2, 3), keepdim=True)
+    hi = s.amax(dim=(2, 3), keepdim=True)
+    return (s - lo) / (hi - lo).clamp_min(1e-6)
+
+
+def resize_to_grid(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of (B, C, g, g) maps to SAM's (size, size) grid."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)

@@ -1,0 +1,18 @@
+"""Shared fixtures. Tests run on 1 thread: the CI machine has 2 cores and tests run side by side with helpers."""
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own model cache directory: nothing is read from or written to the user's cache."""
+    cache = tmp_path_factory.mktemp("clipsam-cache")
+    monkeypatch.setenv("NAPARI_CLIPSAM_CACHE", str(cache))
+    yield cache

@@ -1,0 +1,219 @@
+"""ClipSam on tiny configs: the three strategies, both modes, batching, identity at init, caching."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_clipsam.models.clipsam import ClipSam, Prompts, tiny_config
+from napari_clipsam.models.conditioning import pseudo_prompts
+
+STRATEGIES = ["adapter", "ssp", "pseudo"]
+
+
+def _model(strategy, **opts):
+    torch.manual_seed(0)
+    m = ClipSam(tiny_config(strategy, **opts))
+    # Give zero-initialised outputs some weight so the conditioning is actually exercised.
+    with torch.no_grad():
+        for name, p in m.conditioning.named_parameters():
+            if name.endswith(("fc2.weight", "refine.2.weight")):
+                p.normal_(0, 0.2)
+    return m
+
+
+def _prompts_for(sample):
+    """Prompts of different shapes per sample: 1 point, 2 points + box, text only."""
+    i = torch.tensor([sample])
+    if sample == 0:
+        return Prompts(i, points=torch.tensor([[[20.0, 30.0]]]), labels=torch.tensor([[1]]))
+    if sample == 1:
+        return Prompts(i, points=torch.tensor([[[10.0, 12.0], [40.0, 44.0]]]), labels=torch.tensor([[1, 0]]),
+                       boxes=torch.tensor([[5.0, 5.0, 50.0, 50.0]]))
+    return Prompts(i)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_batch_equals_single_samples(strategy):
+    m = _model(strategy)
+    torch.manual_seed(1)
+    images = torch.rand(3, 3, 64, 64)
+    texts = ["nucleus", "mitochondrion", "vesicle"]
+    with torch.no_grad():
+        enc = m.encode(images, texts)
+        masks, iou = m.decode(enc, [_prompts_for(i) for i in range(3)])
+        assert masks.shape == (3, 1, 16, 16) and masks.dtype == torch.float32
+        assert iou.shape == (3, 1)
+        for i in range(3):
+            alone = m.encode(images[i : i + 1], texts[i : i + 1])
+            p = _prompts_for(i)
+            p.image_index = torch.tensor([0])
+            mi, ii = m.decode(alone, p)
+            torch.testing.assert_close(masks[i : i + 1], mi, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(iou[i : i + 1], ii, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_many_prompts_per_image_not_squared(strategy):
+    """B images with several prompts each give exactly N outputs, each from its own image."""
+    m = _model(strategy)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        enc = m.encode(images, ["nucleus", "vesicle"])
+        idx = torch.tensor([0, 0, 1, 1, 1])
+        pts = torch.rand(5, 1, 2) * 64
+        masks, iou = m.decode(enc, Prompts(idx, points=pts, labels=torch.ones(5, 1)), multimask=True)
+        assert masks.shape == (5, 3, 16, 16) and iou.shape == (5, 3)
+        # Prompt 3 alone against image 1 gives the same mask.
+        m3, _ = m.decode(enc, Prompts([1], points=pts[3:4], labels=torch.ones(1, 1)), multimask=True)
+        torch.testing.assert_close(masks[3:4], m3, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_text_only_and_manual_modes(strategy):
+    m = _model(strategy)
+    img = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        enc = m.encode(img, ["nucleus"])
+        text_only, _ = m.decode(enc, Prompts([0]))
+        manual, _ = m.decode(enc, Prompts([0], points=torch.tensor([[[32.0, 32.0]]]), labels=torch.tensor([[1]])))
+        sem = m.semantic_logits(enc)
+    assert text_only.shape == manual.shape == sem.shape == (1, 1, 16, 16)
+    assert not torch.allclose(text_only, manual)
+
+
+def test_adapter_identity_at_init():
+    """Zero-initialised adapters reproduce plain SAM's image encoder exactly, for any text."""
+    torch.manual_seed(0)
+    m = ClipSam(tiny_config("adapter"))
+    img = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        x = (img * 255 - m.sam.pixel_mean) / m.sam.pixel_std
+        ref = m.sam.image_encoder(x)
+        for texts in (["nucleus", "vesicle"], ["anything at all", "x"]):
+            emb = m.encode(img, texts).embeddings
+            rel = (emb - ref).norm() / ref.norm()
+            assert rel <= 1e-6
+
+
+def _count_calls(module):
+    calls = []
+    module.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def test_ssp_new_text_does_not_rerun_image_encoder():
+    m = _model("ssp")
+    calls = _count_calls(m.sam.image_encoder.patch_embed)
+    block_calls = _count_calls(m.sam.image_encoder.blocks[-1])
+    img = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = m.embed_image(img)
+        a = m.condition(feats, ["nucleus"])
+        b = m.condition(feats, ["vesicle"])
+    assert len(calls) == 1 and len(block_calls) == 1
+    assert torch.equal(a.embeddings, b.embeddings)
+    assert not torch.allclose(a.prompt_tokens, b.prompt_tokens)
+
+
+def test_adapter_last_k_reruns_only_adapted_blocks():
+    m = _model("adapter", blocks=1)
+    first = _count_calls(m.sam.image_encoder.blocks[0])
+    last = _count_calls(m.sam.image_encoder.blocks[1])
+    img = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = m.embed_image(img)
+        m.condition(feats, ["nucleus"])
+        m.condition(feats, ["vesicle"])
+    assert len(first) == 1 and len(last) == 2
+
+
+def test_pseudo_prompts_three_blobs():
+    yy, xx = np.mgrid[:64, :64]
+    centres = [(12, 15), (40, 20), (30, 50)]
+    prob = np.zeros((64, 64), np.float32)
+    for cy, cx in centres:
+        prob = np.maximum(prob, np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 4.0**2)))
+    pp = pseudo_prompts(prob, threshold=0.5)
+    assert len(pp) == 3 and pp.masks.shape == (3, 64, 64)
+    got = sorted((int(y), int(x)) for x, y in pp.points)
+    assert got == sorted(centres)
+    for mask, (x, y) in zip(pp.masks, pp.points):
+        assert mask[int(y), int(x)]
+    assert not (pp.masks.sum(0) > 1).any()
+
+    # The three regions decode in one batch to three masks.
+    m = _model("pseudo")
+    with torch.no_grad():
+        enc = m.encode(torch.rand(1, 3, 64, 64), ["nucleus"])
+        low = torch.nn.functional.interpolate(torch.from_numpy(pp.masks[:, None].astype(np.float32)), size=(16, 16))
+        masks, iou = m.decode(enc, Prompts(torch.zeros(3), points=torch.from_numpy(pp.points)[:, None],
+                                           labels=torch.ones(3, 1), masks=(low * 2 - 1) * 8))
+    assert masks.shape == (3, 1, 16, 16)
+
+
+def test_pseudo_prompts_splits_touching_blobs_and_rejects_bad_input():
+    prob = np.zeros((40, 80), np.float32)
+    prob[10:30, 5:25] = 1.0
+    prob[10:30, 40:75] = 1.0  # a long region ~1.75x: not split
+    prob[10:30, 25:40] = 0.0
+    assert len(pseudo_prompts(prob)) == 2
+    wide = np.zeros((70, 100), np.float32)
+    wide[5:25, 5:25] = wide[5:25, 35:55] = wide[5:25, 65:85] = 1.0  # three typical objects
+    wide[40:60, 5:65] = 1.0  # three touching ones: 3x the typical area → split into 3
+    pp = pseudo_prompts(wide)
+    assert len(pp) == 6
+    split = [int(m.sum()) for m in pp.masks[pp.points[:, 1] > 40]]
+    assert len(split) == 3 and all(abs(a - 400) <= 40 for a in split)
+    with pytest.raises(ValueError, match="H, W"):
+        pseudo_prompts(np.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match="NaN"):
+        pseudo_prompts(np.full((4, 4), np.nan))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_training_changes_only_strategy_and_text_matters(strategy):
+    m = _model(strategy)
+    m.freeze_base()
+    m.train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    torch.manual_seed(0)
+    img = torch.rand(2, 3, 64, 64)
+    target = torch.zeros(2, 1, 16, 16)
+    target[0, :, :8] = 1  # "nucleus" → top half, "vesicle" → bottom half
+    target[1, :, 8:] = 1
+    img = torch.cat([img[:1], img[:1]])
+    for _ in range(100):
+        masks, _ = m(img, ["nucleus", "vesicle"], Prompts([0, 1]))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(masks, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    after = m.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("conditioning.") for k in changed), changed
+    with torch.no_grad():
+        enc = m.encode(img, ["nucleus", "vesicle"])
+        masks, _ = m.decode(enc, Prompts([0, 1]))
+    a, b = masks[0, 0] > 0, masks[1, 0] > 0
+    assert (a != b).float().mean() > 0.3
+
+
+def test_bad_inputs():
+    m = _model("adapter")
+    with pytest.raises(ValueError, match=r"\(B, 3, 64, 64\)"):
+        m.encode(torch.rand(1, 3, 32, 32), ["x"])
+    with pytest.raises(ValueError, match="one text per image"):
+        m.encode(torch.rand(2, 3, 64, 64), ["x"])
+    with pytest.raises(ValueError, match="every image"):
+        m.encode(torch.rand(2, 3, 64, 64), ["x", None])
+    with pytest.raises(ValueError, match="non-empty"):
+        m.encode(torch.rand(1, 3, 64, 64), [""])
+    enc = m.encode(torch.rand(1, 3, 64, 64), ["x"])
+    with pytest.raises(ValueError, match="out of range"):
+        m.decode(enc, Prompts([3]))
+    with pytest.raises(ValueError, match="points must be"):
+        Prompts([0], points=torch.rand(2, 2), labels=torch.ones(2))
+    with pytest.raises(ValueError, match="unknown conditioning"):
+        ClipSam(tiny_config("nope"))
