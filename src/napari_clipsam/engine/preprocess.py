@@ -1,0 +1,140 @@
+"""Images in, model frames out: normalisation, resize + pad to the model input, and back.
+
+The model sees (3, S, S) float RGB in [0, 1]: the image's longest side resized to S (as
+segment-anything's ``ResizeLongestSide``), zero-padded bottom/right. Masks come back at the
+original image size through :func:`postprocess_logits`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def normalize_image(
+    image: np.ndarray,
+    channel_axis: int | None = None,
+    channels: Sequence[int] | None = None,
+    percentiles: tuple[float, float] = (1.0, 99.8),
+) -> np.ndarray:
+    """Any 2D microscopy image → (H, W, 3) float32 in [0, 1].
+
+    Accepts (H, W) grayscale of any integer/float dtype, (H, W, 3|4) RGB(A), or multichannel
+    with ``channel_axis`` given: ``channels`` picks up to 3 channels shown as R, G, B; without it
+    all channels are merged (maximum over percentile-normalised channels). Intensities are
+    percentile-normalised per channel. A constant image gives zeros (allowed); an empty or
+    all-NaN image raises ``ValueError``.
+    """
+    arr = np.asarray(image)
+    if arr.size == 0:
+        raise ValueError(f"image is empty (shape {arr.shape})")
+    if arr.dtype == bool:
+        arr = arr.astype(np.float32)
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"image dtype {arr.dtype} is not numeric")
+    if channel_axis is not None:
+        if arr.ndim != 3:
+            raise ValueError(f"channel_axis={channel_axis} needs a 3D array (Y, X, C), got shape {arr.shape}")
+        arr = np.moveaxis(arr, channel_axis, -1)
+    elif arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        arr = arr[..., :3]
+    elif arr.ndim != 2:
+        raise ValueError(
+            f"expected a 2D image (Y, X) or RGB (Y, X, 3), got shape {arr.shape}: pass channel_axis= for "
+            "multichannel data, or use segment_volume for (Z, Y, X) volumes"
+        )
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if min(arr.shape[:2]) < 2:
+        raise ValueError(f"image is too small: {arr.shape[:2]}")
+    arr = arr.astype(np.float32)
+    if np.isnan(arr).all():
+        raise ValueError("image is all NaN")
+    if channels is not None:
+        channels = list(channels)
+        if not 1 <= len(channels) <= 3 or any(not 0 <= c < arr.shape[-1] for c in channels):
+            raise ValueError(f"channels={channels}: choose 1 to 3 of the {arr.shape[-1]} channels (0-based)")
+        arr = arr[..., channels]
+    out = np.empty_like(arr)
+    for c in range(arr.shape[-1]):
+        ch = arr[..., c]
+        finite = ch[np.isfinite(ch)]
+        if finite.size == 0:
+            out[..., c] = 0.0
+            continue
+        lo, hi = np.percentile(finite, percentiles)
+        if hi <= lo:
+            lo, hi = finite.min(), finite.max()
+        if hi <= lo:
+            out[..., c] = 0.0
+            continue
+        out[..., c] = np.clip((np.nan_to_num(ch, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
+    if out.shape[-1] > 3:
+        out = out.max(-1, keepdims=True)
+    if out.shape[-1] == 1:
+        out = np.repeat(out, 3, axis=-1)
+    elif out.shape[-1] == 2:
+        out = np.concatenate([out, np.zeros_like(out[..., :1])], axis=-1)
+    return out
+
+
+@dataclass
+class Frame:
+    """Where an image sits in the model's S×S input: scale factor and resized (h, w)."""
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    size: int
+
+    @property
+    def scale(self) -> float:
+        return self.resized[0] / self.original[0]
+
+    def to_input(self, xy: np.ndarray) -> np.ndarray:
+        """(…, 2) image (x, y) pixel coordinates → model input coordinates."""
+        sx = self.resized[1] / self.original[1]
+        sy = self.resized[0] / self.original[0]
+        xy = np.asarray(xy, dtype=np.float32)
+        return xy * np.array([sx, sy], dtype=np.float32)
+
+
+def frame_for(shape: tuple[int, int], size: int) -> Frame:
+    """The frame of a (H, W) image in an S×S model input (longest side → S)."""
+    h, w = int(shape[0]), int(shape[1])
+    scale = size / max(h, w)
+    return Frame((h, w), (max(1, int(round(h * scale))), max(1, int(round(w * scale)))), size)
+
+
+def to_model_input(image01: np.ndarray, size: int) -> tuple[torch.Tensor, Frame]:
+    """(H, W, 3) [0, 1] → ((3, S, S) tensor, frame)."""
+    frame = frame_for(image01.shape[:2], size)
+    t = torch.from_numpy(np.ascontiguousarray(image01, dtype=np.float32)).permute(2, 0, 1)[None]
+    if frame.resized != frame.original:
+        t = F.interpolate(t, size=frame.resized, mode="bilinear", align_corners=False,
+                          antialias=frame.resized[0] < frame.original[0])
+    out = torch.zeros(1, 3, size, size)
+    out[..., : frame.resized[0], : frame.resized[1]] = t
+    return out[0], frame
+
+
+def postprocess_logits(low_res: torch.Tensor, frame: Frame) -> torch.Tensor:
+    """Low-res logits (N, M, m, m) → logits at the original image size (N, M, H, W)."""
+    x = F.interpolate(low_res.float(), size=(frame.size, frame.size), mode="bilinear", align_corners=False)
+    x = x[..., : frame.resized[0], : frame.resized[1]]
+    if frame.resized != frame.original:
+        x = F.interpolate(x, size=frame.original, mode="bilinear", align_corners=False)
+    return x
+
+
+def mask_to_prompt(mask: np.ndarray, frame: Frame, mask_size: int, strength: float = 8.0) -> torch.Tensor:
+    """A boolean (H, W) image mask → (1, 1, m, m) mask-prompt logits in the model frame."""
+    m = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]
+    m = F.interpolate(m, size=frame.resized, mode="bilinear", align_corners=False)
+    full = torch.zeros(1, 1, frame.size, frame.size)
+    full[..., : frame.resized[0], : frame.resized[1]] = m
+    low = F.interpolate(full, size=(mask_size, mask_size), mode="bilinear", align_corners=False)
+    return (low * 2 - 1) * strength

@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+import torch
+
+from napari_clipsam.engine.preprocess import (frame_for, mask_to_prompt, normalize_image, postprocess_logits,
+                                              to_model_input)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.float32, np.float64])
+def test_normalize_dtypes(dtype):
+    rng = np.random.default_rng(0)
+    img = (rng.random((30, 40)) * 200).astype(dtype)
+    out = normalize_image(img)
+    assert out.shape == (30, 40, 3) and out.dtype == np.float32
+    assert out.min() >= 0 and out.max() <= 1 and out.max() > 0.9
+    assert np.array_equal(out[..., 0], out[..., 1])
+
+
+def test_normalize_rgb_multichannel_and_errors():
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 20, 3), dtype=np.uint8)
+    assert normalize_image(rgb).shape == (20, 20, 3)
+    multi = np.random.default_rng(1).random((5, 20, 20))
+    merged = normalize_image(multi, channel_axis=0)
+    picked = normalize_image(multi, channel_axis=0, channels=[2])
+    assert merged.shape == picked.shape == (20, 20, 3)
+    np.testing.assert_allclose(picked[..., 0], normalize_image(multi[2])[..., 0])
+    assert np.all(normalize_image(np.full((8, 8), 7.0)) == 0)
+    for bad, msg in [(np.zeros((0, 4)), "empty"), (np.full((4, 4), np.nan), "NaN"),
+                     (np.zeros((2, 4, 4, 4)), "2D image"), (np.zeros((5, 8, 8)), "channel_axis")]:
+        with pytest.raises(ValueError, match=msg):
+            normalize_image(bad)
+    with pytest.raises(ValueError, match="channels"):
+        normalize_image(multi, channel_axis=0, channels=[7])
+
+
+def test_frame_roundtrip():
+    img = np.zeros((50, 100, 3), np.float32)
+    img[10:20, 30:60] = 1
+    t, frame = to_model_input(img, 64)
+    assert t.shape == (3, 64, 64) and frame.resized == (32, 64)
+    assert t[:, 32:].abs().sum() == 0  # padding
+    low = torch.from_numpy(np.where(t[0].numpy() > 0.5, 10.0, -10.0)).float()[None, None]
+    back = postprocess_logits(low, frame)[0, 0] > 0
+    assert back.shape == (50, 100)
+    iou = (back.numpy() & (img[..., 0] > 0)).sum() / (back.numpy() | (img[..., 0] > 0)).sum()
+    assert iou > 0.85
+    np.testing.assert_allclose(frame.to_input([[100, 50]]), [[64, 32]])
+    p = mask_to_prompt(img[..., 0] > 0, frame_for((50, 100), 64), 16)
+    assert p.shape == (1, 1, 16, 16) and p.max() > 0 and p.min() < 0
