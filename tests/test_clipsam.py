@@ -217,3 +217,21 @@ def test_bad_inputs():
         Prompts([0], points=torch.rand(2, 2), labels=torch.ones(2))
     with pytest.raises(ValueError, match="unknown conditioning"):
         ClipSam(tiny_config("nope"))
+
+
+def test_save_load_roundtrip_and_corrupt(tmp_path):
+    m = _model("ssp")
+    path = m.save(tmp_path / "m.safetensors", metadata={"trained": "test"})
+    m2 = ClipSam.load(path)
+    assert m2.file_metadata == {"trained": "test"} and m2.config == m.config
+    img = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a = m.decode(m.encode(img, ["nucleus"]), Prompts([0]))[0]
+        b = m2.decode(m2.encode(img, ["nucleus"]), Prompts([0]))[0]
+    assert torch.equal(a, b)
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        ClipSam.load(tmp_path / "cut.safetensors")
+    with pytest.raises(FileNotFoundError):
+        ClipSam.load(tmp_path / "missing.safetensors")

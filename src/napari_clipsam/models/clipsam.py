@@ -13,7 +13,10 @@ Masks come out as low-resolution logits (N, M, 4h, 4w) where h = S / patch size.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -157,6 +160,7 @@ class ClipSam(nn.Module):
         )
         adapted = self.conditioning.adapted_blocks
         self.prefix_blocks = min(adapted) if adapted else config.sam.encoder_depth
+        self.file_metadata: dict = {}
         self.eval()
 
     # ---- helpers ------------------------------------------------------------------------------
@@ -332,6 +336,49 @@ class ClipSam(nn.Module):
         out["all"] = {"total": sum(p.numel() for p in allp),
                       "trainable": sum(p.numel() for p in allp if p.requires_grad)}
         return out
+
+    # ---- files --------------------------------------------------------------------------------
+    def save(self, path: str | Path, metadata: dict | None = None, half: bool = False) -> Path:
+        """Write the whole model as ``.safetensors`` with its config (and ``metadata``) as JSON,
+        atomically (temp file + rename). ``half`` stores floating weights as fp16."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {}
+        for k, v in self.state_dict().items():
+            v = v.detach().cpu()
+            tensors[k] = (v.half() if half and v.is_floating_point() else v).contiguous()
+        meta = {"format": "napari-clipsam/model", "config": json.dumps(self.config.to_dict()),
+                "metadata": json.dumps(metadata or {})}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "ClipSam":
+        """Rebuild a model written by :meth:`save` (strict: every weight must match)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises several error types for damaged files
+            raise ValueError(f"{path} is not a readable napari-clipsam model file (truncated or corrupt?): {err}") from err
+        if meta.get("format") != "napari-clipsam/model":
+            raise ValueError(f"{path} is not a napari-clipsam model file (an adapter file? use load_adapter)")
+        model = cls(ClipSamConfig.from_dict(json.loads(meta["config"])))
+        ref = model.state_dict()
+        state = {k: v.to(ref[k].dtype) if k in ref else v for k, v in state.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path} does not match its own config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.file_metadata = json.loads(meta.get("metadata", "{}"))
+        return model.to(map_location).eval()
 
     def freeze_base(self) -> None:
         """Freeze SAM and CLIP; leave only the strategy's parameters trainable."""
