@@ -101,31 +101,34 @@ class ClipSemantics(nn.Module):
         pooled = m.encode_text(ids).float()
         return pooled[:, None], torch.ones(len(texts), 1, dtype=torch.bool, device=pooled.device)
 
-    def _compute_text(self, text: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        emb = self._encode_raw([t.format(text) for t in self.templates]).mean(0)
+    def _compute_texts(self, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Embeddings and token features of several texts in one pass per template set."""
+        n, k = len(texts), len(self.templates)
+        emb = self._encode_raw([t.format(x) for x in texts for t in self.templates]).view(n, k, -1).mean(1)
         if self.surgery:
-            empty = self._encode_raw([t.format("").strip() for t in self.templates]).mean(0)
-            emb = emb - empty
+            emb = emb - self._encode_raw([t.format("").strip() for t in self.templates]).mean(0, keepdim=True)
         emb = F.normalize(emb, dim=-1)
-        tokens, mask = self._token_features([text])
-        return emb, tokens[0], mask[0]
+        tokens, mask = self._token_features(texts)
+        return [(emb[i], tokens[i], mask[i]) for i in range(n)]
 
     def text_features(self, texts: Sequence[str]) -> TextFeatures:
-        """Features of ``texts`` (cached per string while CLIP is frozen)."""
+        """Features of ``texts`` (cached per string while CLIP is frozen and in eval mode)."""
         if isinstance(texts, str):
             raise TypeError("text_features expects a list of strings, not a single string")
-        rows = []
+        keys = []
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 raise ValueError(f"text must be a non-empty string, got {t!r}")
-            key = t.strip().lower()
-            hit = None if self.trainable or self.training else self._text_cache.get(key)
-            if hit is None:
-                with torch.set_grad_enabled(self.trainable):
-                    hit = self._compute_text(key)
-                if not self.trainable:
-                    self._text_cache[key] = hit
-            rows.append(hit)
+            keys.append(t.strip().lower())
+        use_cache = not (self.trainable or self.training)
+        todo = sorted({k for k in keys if not (use_cache and k in self._text_cache)})
+        fresh = {}
+        if todo:
+            with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+                fresh = dict(zip(todo, self._compute_texts(todo)))
+            if use_cache:
+                self._text_cache.update(fresh)
+        rows = [fresh[k] if k in fresh else self._text_cache[k] for k in keys]
         length = max(r[1].shape[0] for r in rows)
         width = rows[0][1].shape[1]
         tokens = torch.zeros(len(rows), length, width, device=rows[0][0].device)
