@@ -348,3 +348,50 @@ def test_registered_clip_offline_raises_download_error(monkeypatch):
     for args in (("clip_vit_b16_openai",), ("ViT-B-16", "laion2b_s34b_b88k"), ("biomedclip",)):
         with pytest.raises(ModelDownloadError, match="huggingface.co/.*by hand and save it as"):
             load_clip(*args)
+
+
+# --------------------------------------------------------------------------------------
+# load_model: one entry point for every kind
+# --------------------------------------------------------------------------------------
+
+
+def test_load_model_dispatches_on_kind_and_file_format(tiny_sam_file, tmp_path):
+    from napari_clipsam.models.clipsam import ClipSam, tiny_config
+
+    from napari_clipsam import load_model
+
+    sam, path = tiny_sam_file
+    assert torch.equal(load_model(path).image_encoder.pos_embed, sam.image_encoder.pos_embed)
+
+    torch.manual_seed(4)
+    model = ClipSam(tiny_config())
+    saved = model.save(tmp_path / "tiny_clipsam.safetensors")
+    loaded = load_model(saved)
+    assert isinstance(loaded, ClipSam)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+    if registry.model_status("demo") == "not built":
+        with pytest.raises(ModelDownloadError, match="demo.*not built"):
+            load_model("demo")
+
+
+def test_named_open_clip_model_with_local_weights_file(tmp_path):
+    """open_clip name + local weights file (the way downloaded CLIP weights are loaded)."""
+    import open_clip
+
+    torch.manual_seed(5)
+    ref = open_clip.create_model("ViT-S-32").eval()
+    path = tmp_path / "vit_s_32.bin"
+    torch.save(ref.state_dict(), path)
+    loaded, tokenizer = load_clip("ViT-S-32", pretrained=path)
+    texts = tokenizer(["a nucleus"])
+    with torch.inference_mode():
+        assert torch.equal(ref.encode_text(texts), loaded.encode_text(texts))
+    with pytest.raises(CheckpointError, match="do not fit 'ViT-S-32'|do not fit ViT-S-32"):
+        load_clip("ViT-S-32", pretrained=_small_linear_file(tmp_path))
+
+
+def _small_linear_file(tmp_path: Path) -> Path:
+    p = tmp_path / "linear.bin"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), p)
+    return p

@@ -273,12 +273,20 @@ def load_clip_file(
     else:
         net, tokenizer = build_clip(model)
     if path is not None:
+        # read it ourselves first: unreadable/unsafe files give our clear errors
         sd = _as_state_dict(read_weights(path, "CLIP weights"), path, "CLIP weights")
-        sd = _convert_clip_state_dict(net, sd)
-        problem = mismatch_summary(net.state_dict(), sd)
-        if problem:
-            raise CheckpointError(f"CLIP weights {path} do not fit {_clip_name(model)}: {problem}.")
-        net.load_state_dict(sd, strict=True)
+        if isinstance(model, str):  # open_clip's loader knows its models' older/third-party layouts
+            try:
+                open_clip.load_checkpoint(net, str(path), strict=True, weights_only=True)
+            except Exception as e:
+                problem = mismatch_summary(net.state_dict(), _convert_clip_state_dict(net, sd)) or _short(e)
+                raise CheckpointError(f"CLIP weights {path} do not fit {_clip_name(model)}: {problem}.") from None
+        else:
+            sd = _convert_clip_state_dict(net, sd)
+            problem = mismatch_summary(net.state_dict(), sd)
+            if problem:
+                raise CheckpointError(f"CLIP weights {path} do not fit {_clip_name(model)}: {problem}.")
+            net.load_state_dict(sd, strict=True)
         logger.info("loaded CLIP weights %s into %s", path, _clip_name(model))
     net.eval()
     return net, tokenizer

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Union
 
@@ -500,30 +500,44 @@ def _load_clip_open_clip_tag(model_name: str, tag: str) -> "tuple[torch.nn.Modul
 
 
 def load_model(name_or_path: PathLike, **kwargs: Any) -> Any:
-    """Load any registered model by name: SAM -> ``Sam``, CLIP -> ``(model, tokenizer)``.
+    """Load any model by name or path.
 
-    ``clipsam`` entries (the bundled demo) are loaded by :mod:`napari_clipsam.models.clipsam`
-    (``ClipSam.load``); a path is treated as a SAM checkpoint.
+    Registered names dispatch on their kind: ``sam`` -> segment-anything ``Sam``,
+    ``clip`` -> ``(model, tokenizer)``, ``clipsam`` (the bundled ``demo``) -> ``ClipSam``.
+    A path to a ``.safetensors`` file written by ``ClipSam.save`` gives a ``ClipSam``; any other
+    path is read as a SAM checkpoint. ``kwargs`` go to the loader.
     """
     name = os.fspath(name_or_path)
     entry = MODELS.get(name)
     if entry is None:
-        return load_sam_checkpoint(name_or_path, **kwargs)
+        path = fetch(name_or_path)
+        if path.suffix == ".safetensors" and _safetensors_format(path) == "napari-clipsam/model":
+            return _load_clipsam(path, **kwargs)
+        return load_sam_checkpoint(path, **kwargs)
     if entry.kind == "sam":
         return load_sam_checkpoint(name, **kwargs)
     if entry.kind == "clip":
         return load_clip(name, **kwargs)
-    from . import clipsam
-
-    loader = getattr(getattr(clipsam, "ClipSam", None), "load", None)
-    if loader is None:
-        raise NotImplementedError("loading ClipSam files needs ClipSam.load (models/clipsam.py)")
-    return loader(fetch(name), **kwargs)
+    return _load_clipsam(fetch(name), **kwargs)
 
 
-def with_url(name: str, url: str) -> ModelEntry:
-    """Re-register ``name`` with another download URL (tests, private mirrors); returns the new entry."""
-    return register_model(replace(get_entry(name), url=url), overwrite=True)
+def _safetensors_format(path: Path) -> str | None:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format")
+    except Exception:
+        return None
+
+
+def _load_clipsam(path: Path, **kwargs: Any) -> Any:
+    from .clipsam import ClipSam
+
+    try:
+        return ClipSam.load(path, **kwargs)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 __all__ = [
@@ -548,5 +562,4 @@ __all__ = [
     "load_sam_checkpoint",
     "load_clip",
     "load_model",
-    "with_url",
 ]
