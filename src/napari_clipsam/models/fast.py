@@ -1,0 +1,337 @@
+"""Inference fast path for SAM's parts (inside :class:`~napari_clipsam.models.clipsam.ClipSam`
+or a plain segment-anything ``Sam``).
+
+Three pieces, all reversible and none touching a parameter:
+
+* **SDPA attention in the image encoder.** segment-anything's ``image_encoder.Attention``
+  materialises the (N, N) score matrix, adds the decomposed relative-position terms and runs a
+  softmax; here the relative-position terms (``rel_h``/``rel_w``, computed exactly as SAM does)
+  become an additive float ``attn_mask`` of :func:`torch.nn.functional.scaled_dot_product_attention`
+  (fused kernel, no separate softmax pass). Global-attention blocks are processed in query
+  chunks so the (N, N) bias never exists in full (memory bound: ``_MASK_BUDGET`` bytes).
+* **SDPA in the mask decoder's two-way transformer** (click latency).
+* **Autocast** (bf16 on CPUs with native bf16 matmuls — ``avx512_bf16`` or ``amx_bf16`` —, bf16
+  or fp16 on CUDA) plus ``torch.inference_mode`` through :func:`fast_inference`.
+
+The swap is a class swap of the attention modules (``module.__class__``): parameters, buffers,
+``state_dict`` keys and submodules stay as they are, so checkpoints load unchanged and peft's LoRA
+wrapping ``attn.qkv`` keeps working (the fast forward calls ``self.qkv(x)``, never its weight).
+
+Tolerances (tests/test_fast.py; bench/run.py at vit_b size): SDPA in fp32 is the same math as
+the reference — relative difference ≤ 1e-5. Under bf16 autocast the image embedding differs from
+the fp32 reference by a relative L2 ≤ 1e-2 and masks by IoU ≥ 0.98.
+
+Switches: ``NAPARI_CLIPSAM_FAST=0`` turns the whole fast path off (:func:`enable_fast_path`
+then restores stock modules); ``NAPARI_CLIPSAM_BF16=0|1`` overrides the autocast decision;
+``NAPARI_CLIPSAM_THREADS=n`` sets torch's intra-op threads. Each has a parameter twin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import image_encoder as _sam_enc
+from segment_anything.modeling import transformer as _sam_tr
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: Largest additive bias (bytes) built at once; global attention at 1024² (12 heads × 4096²
+#: fp32 = 805 MB) is split into query chunks under it.
+_MASK_BUDGET = 192 * 2**20
+
+_INFO_ATTR = "_clipsam_fast_path"
+_HOOKS_ATTR = "_clipsam_fast_hooks"
+
+
+# ---- switches -------------------------------------------------------------------------------
+def _env_flag(name: str) -> bool | None:
+    """``1/true/on/yes`` → True, ``0/false/off/no`` → False, unset/empty → None."""
+    v = os.environ.get(name, "").strip().lower()
+    if not v:
+        return None
+    if v in ("1", "true", "on", "yes"):
+        return True
+    if v in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"{name}={v!r}: use 1 or 0")
+
+
+def fast_path_allowed() -> bool:
+    """False when ``NAPARI_CLIPSAM_FAST=0`` (the user turned the fast path off)."""
+    return _env_flag("NAPARI_CLIPSAM_FAST") is not False
+
+
+# ---- hardware -------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """CPU feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_model() -> str:
+    """A human-readable CPU name."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where bf16 matmuls run natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates
+    bf16 and autocast is slower than fp32."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def autocast_dtype_for(device: torch.device | str) -> tuple[torch.dtype | None, str]:
+    """(dtype to autocast to on ``device`` or None, the reason in words)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "CUDA with bf16"
+        return torch.float16, "CUDA without bf16: fp16"
+    if device.type == "cpu":
+        if cpu_has_fast_bf16():
+            return torch.bfloat16, "CPU with native bf16 (avx512_bf16/amx_bf16)"
+        return None, "CPU without avx512_bf16/amx_bf16: bf16 would be emulated (slower than fp32)"
+    return None, f"no autocast on {device.type}"
+
+
+# ---- fast attention modules -----------------------------------------------------------------
+class FastEncoderAttention(_sam_enc.Attention):
+    """segment-anything's image-encoder ``Attention`` computed with SDPA.
+
+    Same parameters and state_dict keys; the decomposed relative-position bias is passed as an
+    additive ``attn_mask``. Input/output (B, H, W, C).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        n = h * w
+        nh = self.num_heads
+        qkv = self.qkv(x).reshape(b, n, 3, nh, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, nh, N, c)
+        if not self.use_rel_pos:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            rh = _sam_enc.get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)  # (h, h, c)
+            rw = _sam_enc.get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)  # (w, w, c)
+            # Query rows per chunk so the (rows·w, N) bias stays under the memory budget.
+            per_row = b * nh * w * n * q.element_size()
+            rows = max(1, min(h, _MASK_BUDGET // max(per_row, 1)))
+            outs = []
+            for r0 in range(0, h, rows):
+                r1 = min(h, r0 + rows)
+                qc = q[:, :, r0 * w : r1 * w]
+                r_q = qc.reshape(b, nh, r1 - r0, w, -1)
+                rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh[r0:r1])  # (B, nh, rows, w, h)
+                rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)  # (B, nh, rows, w, w)
+                if torch.is_grad_enabled() and (rel_h.requires_grad or rel_w.requires_grad):
+                    bias = rel_h[..., :, None] + rel_w[..., None, :]
+                else:  # a contiguous buffer: the broadcast add alone picks a strided layout
+                    bias = torch.empty(b, nh, r1 - r0, w, h, w, dtype=q.dtype, device=q.device)
+                    torch.add(rel_h[..., :, None], rel_w[..., None, :], out=bias)
+                bias = bias.reshape(b, nh, (r1 - r0) * w, n)
+                outs.append(F.scaled_dot_product_attention(qc, k, v, attn_mask=bias))
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        out = out.view(b, nh, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+        return self.proj(out)
+
+
+class FastDecoderAttention(_sam_tr.Attention):
+    """segment-anything's two-way-transformer ``Attention`` computed with SDPA (same math)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q = self._separate_heads(self.q_proj(q), self.num_heads)
+        k = self._separate_heads(self.k_proj(k), self.num_heads)
+        v = self._separate_heads(self.v_proj(v), self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(self._recombine_heads(out))
+
+
+_SWAPS: dict[type, type] = {
+    _sam_enc.Attention: FastEncoderAttention,
+    _sam_tr.Attention: FastDecoderAttention,
+}
+_UNSWAPS: dict[type, type] = {v: k for k, v in _SWAPS.items()}
+
+
+# ---- enabling -------------------------------------------------------------------------------
+@dataclass
+class FastPathInfo:
+    """What :func:`enable_fast_path` did.
+
+    enabled: any part of the fast path is on; encoder_modules / decoder_modules: attention
+    modules running SDPA; autocast_dtype: dtype :func:`fast_inference` autocasts to (None: fp32);
+    device: the model's device type; threads: torch intra-op threads after the call;
+    notes: reasons for each decision.
+    """
+
+    enabled: bool = False
+    encoder_modules: int = 0
+    decoder_modules: int = 0
+    autocast_dtype: torch.dtype | None = None
+    device: str = "cpu"
+    threads: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"enabled": self.enabled, "encoder_modules": self.encoder_modules,
+                "decoder_modules": self.decoder_modules,
+                "autocast_dtype": None if self.autocast_dtype is None else str(self.autocast_dtype).replace("torch.", ""),
+                "device": self.device, "threads": self.threads, "notes": list(self.notes)}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for buf in model.buffers():
+        return buf.device
+    return torch.device("cpu")
+
+
+def _to_float32(_module: nn.Module, _inputs, output):
+    return output.float() if torch.is_tensor(output) and output.is_floating_point() else output
+
+
+def enable_fast_path(
+    model: nn.Module,
+    bf16: bool | None = None,
+    sdpa: bool = True,
+    threads: int | None = None,
+    enabled: bool | None = None,
+) -> FastPathInfo:
+    """Switch ``model`` (a ClipSam, a ``Sam`` or anything holding SAM parts) to the fast path.
+
+    Parameters
+    ----------
+    bf16 : autocast in :func:`fast_inference` — True forces it (bf16; fp16 on CUDA without
+        bf16), False forbids it, None decides by hardware (:func:`autocast_dtype_for`) unless
+        ``NAPARI_CLIPSAM_BF16`` says otherwise.
+    sdpa : swap SAM's attention modules for the SDPA versions.
+    threads : torch intra-op threads to set (default: ``NAPARI_CLIPSAM_THREADS`` or untouched).
+    enabled : False (or ``NAPARI_CLIPSAM_FAST=0`` when None) turns everything off, restoring
+        stock behaviour via :func:`disable_fast_path`.
+
+    The image encoder's output (``neck``) is cast back to fp32 under autocast, so cached
+    embeddings are fp32 whatever the path. Idempotent; returns what it did (also stored on the
+    model, see :func:`fast_path_info`).
+    """
+    if enabled is None:
+        enabled = fast_path_allowed()
+    disable_fast_path(model)
+    device = _model_device(model)
+    info = FastPathInfo(device=device.type)
+    if threads is None and os.environ.get("NAPARI_CLIPSAM_THREADS", "").strip():
+        threads = int(os.environ["NAPARI_CLIPSAM_THREADS"])
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be ≥ 1, got {threads}")
+        torch.set_num_threads(threads)
+    info.threads = torch.get_num_threads()
+    if not enabled:
+        info.notes.append("fast path off (enabled=False or NAPARI_CLIPSAM_FAST=0)")
+        setattr(model, _INFO_ATTR, info)
+        return info
+
+    if sdpa:
+        for m in model.modules():
+            new = _SWAPS.get(type(m))
+            if new is not None:
+                m.__class__ = new
+                if new is FastEncoderAttention:
+                    info.encoder_modules += 1
+                else:
+                    info.decoder_modules += 1
+    else:
+        info.notes.append("SDPA off (sdpa=False)")
+
+    env_bf16 = _env_flag("NAPARI_CLIPSAM_BF16")
+    if bf16 is None and env_bf16 is not None:
+        bf16 = env_bf16
+        info.notes.append(f"NAPARI_CLIPSAM_BF16={int(env_bf16)}")
+    auto_dtype, reason = autocast_dtype_for(device)
+    if bf16 is None:
+        info.autocast_dtype = auto_dtype
+        info.notes.append(reason)
+    elif bf16:
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            info.autocast_dtype = torch.float16
+        else:
+            info.autocast_dtype = torch.bfloat16
+        info.notes.append("autocast forced on")
+    else:
+        info.notes.append("autocast forced off")
+
+    hooks = []
+    if info.autocast_dtype is not None:
+        for m in model.modules():
+            if isinstance(m, _sam_enc.ImageEncoderViT):
+                hooks.append(m.neck.register_forward_hook(_to_float32))
+    object.__setattr__(model, _HOOKS_ATTR, hooks)
+    info.enabled = bool(info.encoder_modules or info.decoder_modules or info.autocast_dtype)
+    setattr(model, _INFO_ATTR, info)
+    log.info("fast path: %s", info.as_dict())
+    return info
+
+
+def disable_fast_path(model: nn.Module) -> None:
+    """Restore segment-anything's own attention modules and drop the autocast hooks."""
+    for m in model.modules():
+        old = _UNSWAPS.get(type(m))
+        if old is not None:
+            m.__class__ = old
+    for h in getattr(model, _HOOKS_ATTR, ()) or ():
+        h.remove()
+    if hasattr(model, _HOOKS_ATTR):
+        object.__delattr__(model, _HOOKS_ATTR)
+    if hasattr(model, _INFO_ATTR):
+        delattr(model, _INFO_ATTR)
+
+
+def fast_path_info(model: nn.Module) -> FastPathInfo | None:
+    """The :class:`FastPathInfo` of the last :func:`enable_fast_path` on ``model`` (None if never)."""
+    return getattr(model, _INFO_ATTR, None)
+
+
+@contextlib.contextmanager
+def fast_inference(model: nn.Module, autocast: bool = True) -> Iterator[FastPathInfo | None]:
+    """``torch.inference_mode`` plus, where the fast path chose it, autocast to bf16/fp16.
+
+    Use around embedding and decoding calls. Tensors made inside are inference tensors (no
+    autograd later). With ``autocast=False`` only inference mode applies (e.g. for the cheap
+    decoder on CPU). Outputs of the mask decoder may be bf16/fp16 under autocast: call
+    ``.float()`` where precision matters; image embeddings are returned in fp32.
+    """
+    info = fast_path_info(model)
+    dtype = info.autocast_dtype if (info is not None and info.enabled and autocast) else None
+    with torch.inference_mode():
+        if dtype is None:
+            yield info
+        else:
+            with torch.autocast(device_type=info.device, dtype=dtype):
+                yield info
+
+
+__all__ = ["FastPathInfo", "FastEncoderAttention", "FastDecoderAttention", "enable_fast_path",
+           "disable_fast_path", "fast_inference", "fast_path_info", "fast_path_allowed",
+           "autocast_dtype_for", "cpu_has_fast_bf16", "cpu_flags", "cpu_model"]

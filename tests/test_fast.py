@@ -1,0 +1,231 @@
+"""Fast path (models/fast.py): SDPA attention is the same math as segment-anything's, bf16 stays
+within the stated tolerance, and the swap is invisible to checkpoints, LoRA and `disable`."""
+
+import copy
+
+import pytest
+import torch
+from segment_anything.modeling import image_encoder as sam_enc
+from segment_anything.modeling import transformer as sam_tr
+
+from napari_clipsam.models import fast
+from napari_clipsam.models.clipsam import ClipSam, Prompts, tiny_config
+from napari_clipsam.models.sam_parts import SAM_CONFIGS, SamConfig, build_sam
+
+# Official block shape (768 wide, 12 heads, 64-d heads, window 14 with padding, global blocks)
+# on a small image: 16×16 tokens, padded to 28×28 in the windowed block.
+OFFICIAL_SHAPED = SamConfig(encoder_depth=2, encoder_global_attn_indexes=(1,), img_size=256)
+# Small but not tiny, for the bf16 tolerance: 8×8 tokens, windows of 3 (padded to 9).
+SMALL = SamConfig(encoder_embed_dim=192, encoder_depth=4, encoder_num_heads=3,
+                  encoder_global_attn_indexes=(1, 3), img_size=128, window_size=3,
+                  prompt_embed_dim=64, mask_in_chans=8, decoder_mlp_dim=256, decoder_num_heads=4,
+                  iou_head_hidden_dim=64)
+
+
+def _sam(config, seed=0):
+    torch.manual_seed(seed)
+    sam = build_sam(config)
+    with torch.no_grad():  # SAM zero-initialises the relative positions: give them weight
+        for m in sam.modules():
+            if isinstance(m, sam_enc.Attention):
+                m.rel_pos_h.normal_(0, 0.5)
+                m.rel_pos_w.normal_(0, 0.5)
+    return sam
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _iou(a, b):
+    return float((a & b).sum()) / max(float((a | b).sum()), 1.0)
+
+
+@pytest.mark.parametrize("config", [SAM_CONFIGS["tiny"], OFFICIAL_SHAPED], ids=["tiny", "official-shaped"])
+def test_encoder_sdpa_matches_reference_fp32(config):
+    sam = _sam(config)
+    x = torch.randn(2, 3, config.img_size, config.img_size)
+    with torch.no_grad():
+        ref = sam.image_encoder(x)
+        info = fast.enable_fast_path(sam, bf16=False)
+        out = sam.image_encoder(x)
+    assert info.encoder_modules == config.encoder_depth and info.autocast_dtype is None
+    assert all(type(b.attn) is fast.FastEncoderAttention for b in sam.image_encoder.blocks)
+    assert out.dtype == torch.float32
+    assert _rel(out, ref) <= 1e-5
+
+
+def test_chunked_bias_matches_unchunked(monkeypatch):
+    """Global attention split into query chunks (memory bound) gives the same result."""
+    sam = _sam(OFFICIAL_SHAPED)
+    x = torch.randn(1, 3, 256, 256)
+    fast.enable_fast_path(sam, bf16=False)
+    with torch.no_grad():
+        whole = sam.image_encoder(x)
+        monkeypatch.setattr(fast, "_MASK_BUDGET", 1)  # one query row of 16 tokens per chunk
+        chunked = sam.image_encoder(x)
+    assert _rel(chunked, whole) <= 1e-6
+
+
+def test_decoder_sdpa_matches_reference_fp32():
+    torch.manual_seed(0)
+    m = ClipSam(tiny_config("ssp"))
+    images = torch.rand(2, 3, 64, 64)
+    prompts = Prompts(torch.tensor([0, 1, 1]), points=torch.tensor([[[20.0, 30.0]], [[5.0, 9.0]], [[50.0, 40.0]]]),
+                      labels=torch.ones(3, 1, dtype=torch.long))
+    with torch.no_grad():
+        enc = m.encode(images, ["nucleus", "vesicle"])
+        ref_masks, ref_iou = m.decode(enc, prompts, multimask=True)
+        info = fast.enable_fast_path(m, bf16=False)
+        masks, iou = m.decode(enc, prompts, multimask=True)
+    assert info.decoder_modules == 3 * SAM_CONFIGS["tiny"].decoder_depth + 1  # self, 2 cross, final
+    assert _rel(masks, ref_masks) <= 1e-5 and _rel(iou, ref_iou) <= 1e-5
+
+
+def test_bf16_within_tolerance_small_config():
+    """bf16 autocast vs the fp32 reference: embedding relative L2 ≤ 1e-2, mask IoU ≥ 0.98."""
+    sam = _sam(SMALL)
+    torch.manual_seed(1)
+    x = torch.rand(1, 3, 128, 128) * 255
+    pe, md = sam.prompt_encoder, sam.mask_decoder
+    points = (torch.tensor([[[40.0, 50.0], [90.0, 20.0]]]), torch.tensor([[1, 0]]))
+
+    def run():
+        emb = sam.image_encoder(x)
+        sparse, dense = pe(points=points, boxes=None, masks=None)
+        low, _ = md(emb, pe.get_dense_pe(), sparse, dense, multimask_output=True)
+        return emb, low.float()
+
+    with torch.no_grad():
+        ref_emb, ref_low = run()
+    fast.enable_fast_path(sam, bf16=True)
+    with fast.fast_inference(sam) as info:
+        assert info.autocast_dtype == torch.bfloat16
+        emb, low = run()
+    assert emb.dtype == torch.float32  # embeddings come back in fp32 for caching
+    assert _rel(emb, ref_emb) <= 1e-2
+    for i in range(low.shape[1]):
+        assert _iou(low[0, i] > 0, ref_low[0, i] > 0) >= 0.98
+
+
+def test_state_dict_unchanged_and_disable_restores():
+    sam = _sam(SAM_CONFIGS["tiny"])
+    stock = copy.deepcopy(sam)
+    keys = list(sam.state_dict())
+    fast.enable_fast_path(sam, bf16=True)
+    state = sam.state_dict()
+    assert list(state) == keys
+    for k, v in stock.state_dict().items():
+        assert torch.equal(state[k], v)
+    # A stock checkpoint loads strictly into the fast model and vice versa.
+    sam.load_state_dict(stock.state_dict(), strict=True)
+    stock.load_state_dict(sam.state_dict(), strict=True)
+    copy.deepcopy(sam)  # swapped classes and hooks survive a copy
+
+    fast.disable_fast_path(sam)
+    assert fast.fast_path_info(sam) is None
+    assert all(type(m) is not fast.FastEncoderAttention and type(m) is not fast.FastDecoderAttention
+               for m in sam.modules())
+    assert sum(type(m) is sam_enc.Attention for m in sam.modules()) == SAM_CONFIGS["tiny"].encoder_depth
+    assert any(type(m) is sam_tr.Attention for m in sam.modules())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(sam.image_encoder(x), stock.image_encoder(x))  # bit-identical again
+    assert not sam.image_encoder.neck._forward_hooks
+
+
+def test_lora_on_qkv_with_fast_path():
+    """peft LoRA wraps attn.qkv; the fast forward goes through it (whichever comes first)."""
+    peft = pytest.importorskip("peft")
+    x = torch.randn(1, 3, 64, 64)
+    outs = {}
+    for order in ("fast_first", "lora_first"):
+        sam = _sam(SAM_CONFIGS["tiny"])
+        enc = sam.image_encoder
+        with torch.no_grad():
+            plain = enc(x)
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv"], init_lora_weights=False)
+        if order == "fast_first":
+            fast.enable_fast_path(sam, bf16=False)
+            peft.inject_adapter_in_model(cfg, enc)
+        else:
+            peft.inject_adapter_in_model(cfg, enc)
+            fast.enable_fast_path(sam, bf16=False)
+        assert all(type(b.attn) is fast.FastEncoderAttention for b in enc.blocks)
+        assert all(hasattr(b.attn.qkv, "lora_A") for b in enc.blocks)
+        with torch.no_grad():
+            lora_fast = enc(x)
+        fast.disable_fast_path(sam)
+        with torch.no_grad():
+            lora_ref = enc(x)
+        assert _rel(lora_fast, lora_ref) <= 1e-5
+        assert _rel(lora_fast, plain) > 1e-3  # LoRA really acts
+        outs[order] = lora_fast
+    # Gradients flow into LoRA through the fast path.
+    sam = _sam(SAM_CONFIGS["tiny"])
+    peft.inject_adapter_in_model(peft.LoraConfig(r=4, target_modules=["qkv"]), sam.image_encoder)
+    fast.enable_fast_path(sam, bf16=False)
+    sam.image_encoder(x).square().mean().backward()
+    grads = [p.grad for n, p in sam.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None for g in grads)
+
+
+def test_env_switches(monkeypatch):
+    sam = _sam(SAM_CONFIGS["tiny"])
+    monkeypatch.setenv("NAPARI_CLIPSAM_FAST", "0")
+    info = fast.enable_fast_path(sam)
+    assert not info.enabled and info.encoder_modules == 0
+    assert not any(isinstance(m, (fast.FastEncoderAttention, fast.FastDecoderAttention)) for m in sam.modules())
+    with fast.fast_inference(sam):
+        assert torch.is_inference_mode_enabled() and not torch.is_autocast_enabled("cpu")
+    assert not fast.enable_fast_path(sam, enabled=False).enabled
+    monkeypatch.setenv("NAPARI_CLIPSAM_FAST", "1")
+    monkeypatch.setenv("NAPARI_CLIPSAM_BF16", "1")
+    info = fast.enable_fast_path(sam)
+    assert info.enabled and info.autocast_dtype == torch.bfloat16
+    with fast.fast_inference(sam):
+        assert torch.is_autocast_enabled("cpu")
+    with fast.fast_inference(sam, autocast=False):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setenv("NAPARI_CLIPSAM_BF16", "0")
+    assert fast.enable_fast_path(sam).autocast_dtype is None
+    assert fast.enable_fast_path(sam, bf16=True).autocast_dtype == torch.bfloat16  # parameter wins
+    monkeypatch.setenv("NAPARI_CLIPSAM_FAST", "maybe")
+    with pytest.raises(ValueError, match="NAPARI_CLIPSAM_FAST"):
+        fast.enable_fast_path(sam)
+
+
+def test_autocast_decision_follows_cpu_flags(monkeypatch):
+    monkeypatch.setattr(fast, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert fast.autocast_dtype_for("cpu")[0] == torch.bfloat16
+    monkeypatch.setattr(fast, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    assert fast.autocast_dtype_for("cpu")[0] == torch.bfloat16
+    monkeypatch.setattr(fast, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    dtype, reason = fast.autocast_dtype_for("cpu")
+    assert dtype is None and "emulated" in reason
+    assert fast.autocast_dtype_for("meta")[0] is None
+
+
+def test_clipsam_text_and_clicks_unchanged_with_fast_path():
+    """End to end through ClipSam (adapter strategy, text-dependent blocks): fp32 fast == stock."""
+    torch.manual_seed(0)
+    m = ClipSam(tiny_config("adapter", blocks=1))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("fc2.weight") or "rel_pos" in name:
+                p.normal_(0, 0.3)
+    images = torch.rand(2, 3, 64, 64)
+    prompts = [Prompts(torch.tensor([0]), points=torch.tensor([[[20.0, 30.0]]]), labels=torch.tensor([[1]])),
+               Prompts(torch.tensor([1]))]
+
+    def run():
+        feats = m.embed_image(images)
+        enc = m.condition(feats, ["nucleus", "vesicle"])
+        return m.decode(enc, prompts)
+
+    with torch.no_grad():
+        ref_masks, ref_iou = run()
+    fast.enable_fast_path(m, bf16=False)
+    with fast.fast_inference(m):
+        masks, iou = run()
+    assert _rel(masks, ref_masks) <= 1e-5 and _rel(iou, ref_iou) <= 1e-5
