@@ -1,0 +1,133 @@
+"""Segmentation quality metrics and the demo-model evaluation used by ``bench/quality.py`` and tests.
+
+Metrics: mask IoU, instance matching F1 at an IoU threshold (one-to-one, Hungarian on IoU),
+cross-concept leakage and the absent-concept empty rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import numpy as np
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
+
+if TYPE_CHECKING:
+    from .data.synthetic import SyntheticSample
+    from .engine.segmenter import Segmenter
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray, empty: float = 1.0) -> float:
+    """IoU of two boolean masks of the same shape (``empty`` when both are empty)."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    if a.shape != b.shape:
+        raise ValueError(f"masks differ in shape: {a.shape} vs {b.shape}")
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else empty
+
+
+def match_instances(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) -> tuple[int, int, int]:
+    """One-to-one matching of instance label images → (true positives, false positives, false negatives).
+
+    A predicted and a ground-truth instance match when their IoU ≥ ``iou_threshold`` (Hungarian
+    assignment maximising IoU).
+    """
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"label images differ in shape: {pred.shape} vs {gt.shape}")
+    p_ids = np.unique(pred[pred > 0])
+    g_ids = np.unique(gt[gt > 0])
+    if len(p_ids) == 0 or len(g_ids) == 0:
+        return 0, len(p_ids), len(g_ids)
+    p_idx = np.searchsorted(p_ids, pred[(pred > 0) & (gt > 0)])
+    g_idx = np.searchsorted(g_ids, gt[(pred > 0) & (gt > 0)])
+    inter = np.zeros((len(p_ids), len(g_ids)), np.int64)
+    np.add.at(inter, (p_idx, g_idx), 1)
+    p_area = ndimage.sum_labels(np.ones_like(pred), pred, p_ids)
+    g_area = ndimage.sum_labels(np.ones_like(gt), gt, g_ids)
+    iou = inter / (p_area[:, None] + g_area[None, :] - inter)
+    rows, cols = linear_sum_assignment(-iou)
+    tp = int((iou[rows, cols] >= iou_threshold).sum())
+    return tp, len(p_ids) - tp, len(g_ids) - tp
+
+
+def f1_score(tp: int, fp: int, fn: int) -> float:
+    """F1 from counts (1.0 when there is nothing to find and nothing was found)."""
+    return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def instance_f1(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) -> float:
+    """Instance F1 of a predicted label image against ground truth at ``iou_threshold``."""
+    return f1_score(*match_instances(pred, gt, iou_threshold))
+
+
+def interior_point(mask: np.ndarray) -> tuple[float, float]:
+    """The (x, y) pixel centre deepest inside ``mask`` (distance-transform maximum)."""
+    dist = ndimage.distance_transform_edt(np.asarray(mask, bool))
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return float(x), float(y)
+
+
+@dataclass
+class ConceptScores:
+    """Accumulated scores of one concept."""
+
+    text_iou: list[float] = field(default_factory=list)
+    point_iou: list[float] = field(default_factory=list)
+    leakage: list[float] = field(default_factory=list)
+    absent_empty: list[bool] = field(default_factory=list)
+    counts: list[int] = field(default_factory=lambda: [0, 0, 0])  # tp, fp, fn
+
+    def summary(self) -> dict[str, float | int]:
+        mean = lambda v: float(np.mean(v)) if len(v) else float("nan")  # noqa: E731
+        return {
+            "text_iou": mean(self.text_iou),
+            "point_iou": mean(self.point_iou),
+            "leakage": mean(self.leakage),
+            "absent_empty_rate": mean(self.absent_empty),
+            "instance_f1": f1_score(*self.counts),
+            "n_present": len(self.text_iou),
+            "n_absent": len(self.absent_empty),
+        }
+
+
+def evaluate(segmenter: "Segmenter", samples: Sequence["SyntheticSample"], concepts: Iterable[str] | None = None,
+             points_per_image: int = 3, empty_area: int = 32) -> dict[str, dict[str, float | int]]:
+    """Score a segmenter on labelled synthetic samples, per concept.
+
+    - ``text_iou``: IoU of the text-only semantic mask (prob > 0.5) with the concept's union mask,
+      on images that contain the concept;
+    - ``point_iou``: text + one positive click at the deepest point of an instance → IoU with it
+      (up to ``points_per_image`` instances per image);
+    - ``leakage``: IoU of the concept's text-only mask with each *other* concept's union mask;
+    - ``absent_empty_rate``: on images without the concept, the fraction where the text-only mask
+      has fewer than ``empty_area`` pixels;
+    - ``instance_f1``: F1@0.5 of ``segment_text`` instances against the concept's instances.
+    """
+    from .data.synthetic import CONCEPTS
+
+    concepts = tuple(concepts or CONCEPTS)
+    scores = {c: ConceptScores() for c in concepts}
+    for sample in samples:
+        segmenter.set_image(sample.image)
+        present = set(sample.concepts_present)
+        for c in concepts:
+            res = segmenter.segment_text(c)
+            pred = res.prob > 0.5
+            s = scores[c]
+            if c not in present:
+                s.absent_empty.append(bool(pred.sum() < empty_area))
+                continue
+            s.text_iou.append(mask_iou(pred, sample.semantic_mask(c)))
+            gt = sample.instance_labels(c)
+            for i, v in enumerate(match_instances(res.labels, gt)):
+                s.counts[i] += v
+            for other in present - {c}:
+                s.leakage.append(mask_iou(pred, sample.semantic_mask(other), empty=0.0))
+            ids = np.unique(gt[gt > 0])
+            for k in ids[:: max(1, len(ids) // points_per_image)][:points_per_image]:
+                target = gt == k
+                mask, _ = segmenter.predict(points=[interior_point(target)], labels=[1], text=c)
+                s.point_iou.append(mask_iou(mask, target))
+    return {c: s.summary() for c, s in scores.items()}

@@ -1,0 +1,75 @@
+"""The bundled demo model meets its quality bars on held-out synthetic images (a smaller set than
+``bench/quality.py``, with some tolerance). Random weights fail every one of these."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_clipsam.data.synthetic import make_image
+from napari_clipsam.engine.segmenter import Segmenter
+from napari_clipsam.evaluation import evaluate, instance_f1, mask_iou, match_instances
+from napari_clipsam.models.clipsam import ClipSam
+from napari_clipsam.models.registry import load_model, model_status
+
+pytestmark = pytest.mark.skipif(model_status("demo") == "not built", reason="demo model file not built")
+
+HELD_OUT = 1_000_000  # training used seeds < 100_000
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_model("demo")
+
+
+@pytest.fixture(scope="module")
+def scores(demo):
+    samples = [make_image(HELD_OUT + 500 + i) for i in range(10)]
+    return evaluate(Segmenter(demo), samples, points_per_image=2)
+
+
+def test_demo_loads_offline_by_name(demo):
+    assert isinstance(demo, ClipSam)
+    assert demo.file_metadata.get("trained_by") == "scripts/train_demo.py"
+    seg = Segmenter.from_pretrained("demo")
+    assert seg.model.config == demo.config
+
+
+def test_text_only_iou(scores):
+    assert scores["nucleus"]["text_iou"] >= 0.8
+    for concept in ("mitochondrion", "vesicle"):
+        assert scores[concept]["text_iou"] >= 0.55, (concept, scores[concept])
+
+
+def test_point_instance_iou_and_f1(scores):
+    assert scores["nucleus"]["point_iou"] >= 0.75
+    assert scores["nucleus"]["instance_f1"] >= 0.75
+
+
+def test_leakage_and_absent(scores):
+    for concept, row in scores.items():
+        assert row["leakage"] <= 0.07, (concept, row)
+    absent = [row["absent_empty_rate"] for row in scores.values() if row["n_absent"]]
+    assert absent and np.mean(absent) >= 0.85
+
+
+def test_random_weights_fail_the_bar(demo):
+    """The same evaluation with the demo architecture but random weights is far below the bar."""
+    torch.manual_seed(0)
+    rnd = ClipSam(demo.config)
+    sample = make_image(HELD_OUT + 7, counts={"nucleus": (4, 8)})
+    seg = Segmenter(rnd)
+    seg.set_image(sample.image)
+    res = seg.segment_text("nucleus")
+    assert mask_iou(res.prob > 0.5, sample.semantic_mask("nucleus")) < 0.5
+    assert instance_f1(res.labels, sample.instance_labels("nucleus")) < 0.5
+
+
+def test_synonyms_agree(demo):
+    sample = make_image(HELD_OUT + 3, counts={"nucleus": (5, 8)})
+    seg = Segmenter(demo)
+    seg.set_image(sample.image)
+    a = seg.segment_text("nucleus").prob > 0.5
+    b = seg.segment_text("nuclei").prob > 0.5
+    assert mask_iou(a, b) >= 0.8
+    tp, fp, fn = match_instances(seg.segment_text("nuclei").labels, sample.instance_labels("nucleus"))
+    assert tp >= 0.7 * (tp + fn)
