@@ -15,20 +15,8 @@ import torch
 import torch.nn.functional as F
 
 
-def normalize_image(
-    image: np.ndarray,
-    channel_axis: int | None = None,
-    channels: Sequence[int] | None = None,
-    percentiles: tuple[float, float] = (1.0, 99.8),
-) -> np.ndarray:
-    """Any 2D microscopy image → (H, W, 3) float32 in [0, 1].
-
-    Accepts (H, W) grayscale of any integer/float dtype, (H, W, 3|4) RGB(A), or multichannel
-    with ``channel_axis`` given: ``channels`` picks up to 3 channels shown as R, G, B; without it
-    all channels are merged (maximum over percentile-normalised channels). Intensities are
-    percentile-normalised per channel. A constant image gives zeros (allowed); an empty or
-    all-NaN image raises ``ValueError``.
-    """
+def _channels_last(image: np.ndarray, channel_axis: int | None, channels: Sequence[int] | None) -> np.ndarray:
+    """Validate a 2D image and bring it to (H, W, C) float32 with the chosen channels."""
     arr = np.asarray(image)
     if arr.size == 0:
         raise ValueError(f"image is empty (shape {arr.shape})")
@@ -59,20 +47,57 @@ def normalize_image(
         if not 1 <= len(channels) <= 3 or any(not 0 <= c < arr.shape[-1] for c in channels):
             raise ValueError(f"channels={channels}: choose 1 to 3 of the {arr.shape[-1]} channels (0-based)")
         arr = arr[..., channels]
-    out = np.empty_like(arr)
+    return arr
+
+
+def channel_limits(arr: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.8),
+                   max_samples: int = 1 << 22) -> np.ndarray:
+    """Per-channel (lo, hi) intensity limits of a channels-last array (..., C) → (C, 2).
+
+    Percentiles over the finite values (at most ``max_samples`` of them, evenly strided); when
+    they coincide, the min/max; NaN limits for a channel without finite values.
+    """
+    flat = arr.reshape(-1, arr.shape[-1])
+    flat = flat[:: max(1, len(flat) // max_samples)]
+    out = np.full((arr.shape[-1], 2), np.nan, np.float64)
     for c in range(arr.shape[-1]):
-        ch = arr[..., c]
-        finite = ch[np.isfinite(ch)]
+        finite = flat[:, c][np.isfinite(flat[:, c])]
         if finite.size == 0:
-            out[..., c] = 0.0
             continue
         lo, hi = np.percentile(finite, percentiles)
         if hi <= lo:
             lo, hi = finite.min(), finite.max()
-        if hi <= lo:
-            out[..., c] = 0.0
+        out[c] = lo, hi
+    return out
+
+
+def normalize_image(
+    image: np.ndarray,
+    channel_axis: int | None = None,
+    channels: Sequence[int] | None = None,
+    percentiles: tuple[float, float] = (1.0, 99.8),
+    limits: np.ndarray | None = None,
+) -> np.ndarray:
+    """Any 2D microscopy image → (H, W, 3) float32 in [0, 1].
+
+    Accepts (H, W) grayscale of any integer/float dtype, (H, W, 3|4) RGB(A), or multichannel
+    with ``channel_axis`` given: ``channels`` picks up to 3 channels shown as R, G, B; without it
+    all channels are merged (maximum over percentile-normalised channels). Intensities are
+    percentile-normalised per channel, or with fixed per-channel ``limits`` (C, 2) (e.g. computed
+    once for a whole volume by :func:`channel_limits`). A constant image gives zeros (allowed);
+    an empty or all-NaN image raises ``ValueError``.
+    """
+    arr = _channels_last(image, channel_axis, channels)
+    if limits is None:
+        limits = channel_limits(arr, percentiles)
+    limits = np.asarray(limits, np.float64).reshape(-1, 2)
+    if len(limits) != arr.shape[-1]:
+        raise ValueError(f"limits has {len(limits)} rows for {arr.shape[-1]} channels")
+    out = np.zeros_like(arr)
+    for c, (lo, hi) in enumerate(limits):
+        if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
             continue
-        out[..., c] = np.clip((np.nan_to_num(ch, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
+        out[..., c] = np.clip((np.nan_to_num(arr[..., c], nan=lo) - lo) / (hi - lo), 0.0, 1.0)
     if out.shape[-1] > 3:
         out = out.max(-1, keepdims=True)
     if out.shape[-1] == 1:

@@ -1,0 +1,259 @@
+"""Embedding cache: memory LRU bounded in bytes, optionally backed by a directory on disk.
+
+Entries are dicts of tensors under a string key. Keys are content hashes built by the caller
+from everything the entry depends on (:func:`digest`): the normalised model input, the model's
+weights fingerprint (:class:`WeightsFingerprint`) and, where the embedding depends on it, the
+text. A changed image, model or adapter therefore gives a different key and can never hit a
+stale entry; old entries simply age out.
+
+Disk entries are ``<dir>/<key[:2]>/<key>.pt`` written atomically (temp file + rename) and read
+with ``torch.load(weights_only=True)``. Each file records its key and a checksum of its tensors;
+an entry that fails to load, has another key or a wrong checksum is ignored and removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+Entry = dict[str, torch.Tensor]
+FORMAT = "napari-clipsam/embedding-v1"
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def digest(*parts: object) -> str:
+    """Hex blake2b of ``parts``: strings, bytes, numbers, None, tensors or NumPy arrays."""
+    h = hashlib.blake2b(digest_size=20)
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            h.update(f"T{p.dtype}{tuple(p.shape)}".encode())
+            h.update(_tensor_bytes(p))
+        elif hasattr(p, "__array__") and hasattr(p, "dtype"):  # NumPy arrays
+            import numpy as np
+
+            a = np.ascontiguousarray(p)
+            h.update(f"A{a.dtype}{a.shape}".encode())
+            h.update(memoryview(a).cast("B"))
+        elif isinstance(p, bytes):
+            h.update(b"B" + p)
+        else:
+            h.update(f"S{p!r}".encode())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def entry_checksum(entry: Mapping[str, torch.Tensor]) -> str:
+    return digest(*[x for k in sorted(entry) for x in (k, entry[k])])
+
+
+def entry_nbytes(entry: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in entry.values())
+
+
+class WeightsFingerprint:
+    """Content hash of a module's parameters and buffers (those whose names pass ``include``).
+
+    Hashing all weights is linear in model size, so :meth:`value` recomputes it only when a cheap
+    signature changes: the tensors' names, identities, storage pointers, in-place version counters
+    (bumped by optimiser steps, ``load_state_dict`` and in-place edits), shapes, dtypes and a
+    strided sample of their values (which catches edits through ``.data``). Equal weights give
+    equal fingerprints across processes, so a disk cache is shared by identical models.
+    """
+
+    def __init__(self, module: nn.Module, include=lambda name: True, extra: str = ""):
+        self.module = module
+        self.include = include
+        self.extra = extra
+        self._signature: tuple | None = None
+        self._value: str | None = None
+
+    def _tensors(self) -> list[tuple[str, torch.Tensor]]:
+        named = list(self.module.named_parameters()) + list(self.module.named_buffers())
+        return sorted(((n, t) for n, t in named if self.include(n)), key=lambda nt: nt[0])
+
+    def _signature_of(self, named: list[tuple[str, torch.Tensor]]) -> tuple:
+        sig = []
+        samples = []
+        for name, t in named:
+            try:
+                version = t._version
+            except RuntimeError:  # inference tensors have no version counter
+                version = -1
+            sig.append((name, id(t), t.data_ptr() if t.numel() else 0, version, tuple(t.shape), t.dtype, str(t.device)))
+            if t.numel():
+                flat = t.detach().reshape(-1)
+                samples.append(flat[:: max(1, flat.numel() // 8)][:8].float().to("cpu"))
+        probe = torch.cat(samples).numpy().tobytes() if samples else b""
+        return tuple(sig), probe
+
+    def value(self) -> str:
+        """The current fingerprint (hex)."""
+        named = self._tensors()
+        sig = self._signature_of(named)
+        if sig != self._signature or self._value is None:
+            self._value = digest(self.extra, *[x for name, t in named for x in (name, t)])
+            self._signature = sig
+            log.debug("weights fingerprint recomputed: %s", self._value[:12])
+        return self._value
+
+    def invalidate(self) -> None:
+        """Force a full recomputation at the next :meth:`value`."""
+        self._signature = None
+        self._value = None
+
+
+class EmbeddingCache:
+    """Memory LRU of tensor dicts bounded by ``max_bytes``, plus an optional ``directory`` on disk.
+
+    ``max_bytes`` (default 1 GiB) bounds the memory part; an entry larger than that is kept on
+    disk only. ``max_disk_bytes`` (default: unbounded) prunes the least recently written disk
+    entries beyond it. Tensors are stored on CPU on disk and returned as stored in memory.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30, directory: str | os.PathLike | None = None,
+                 max_disk_bytes: int | None = None):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.directory = Path(directory) if directory is not None else None
+        self.max_disk_bytes = max_disk_bytes
+        self._mem: OrderedDict[str, tuple[Entry, int]] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    # ---- memory -------------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in memory."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._mem)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._mem or (self._path(key) is not None and self._path(key).is_file())
+
+    def _remember(self, key: str, entry: Entry) -> None:
+        n = entry_nbytes(entry)
+        if key in self._mem:
+            self._bytes -= self._mem.pop(key)[1]
+        if n > self.max_bytes:
+            return
+        self._mem[key] = (entry, n)
+        self._bytes += n
+        while self._bytes > self.max_bytes:
+            _, (_, old) = self._mem.popitem(last=False)
+            self._bytes -= old
+
+    def clear(self, disk: bool = False) -> None:
+        """Empty the memory part (and the disk directory's entries with ``disk=True``)."""
+        self._mem.clear()
+        self._bytes = 0
+        if disk and self.directory is not None:
+            for f in self._disk_files():
+                f.unlink(missing_ok=True)
+
+    # ---- public -------------------------------------------------------------------------------
+    def get(self, key: str) -> Entry | None:
+        """The entry under ``key`` or None (memory first, then disk)."""
+        if key in self._mem:
+            self._mem.move_to_end(key)
+            self.hits += 1
+            return self._mem[key][0]
+        entry = self._read(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._remember(key, entry)
+        return entry
+
+    def put(self, key: str, entry: Mapping[str, torch.Tensor]) -> None:
+        """Store ``entry`` (a dict of tensors) under ``key`` in memory and, if set, on disk."""
+        entry = {k: v.detach() for k, v in entry.items()}
+        self._remember(key, entry)
+        if self.directory is not None:
+            self._write(key, entry)
+
+    # ---- disk ---------------------------------------------------------------------------------
+    def _path(self, key: str) -> Path | None:
+        if self.directory is None:
+            return None
+        if not key or any(c not in "0123456789abcdef" for c in key):
+            raise ValueError(f"cache keys are lowercase hex digests, got {key!r}")
+        return self.directory / key[:2] / f"{key}.pt"
+
+    def _disk_files(self) -> Iterable[Path]:
+        return self.directory.glob("*/*.pt") if self.directory is not None else ()
+
+    def _write(self, key: str, entry: Entry) -> None:
+        path = self._path(key)
+        cpu = {k: v.to("cpu").contiguous() for k, v in entry.items()}
+        payload = {"format": FORMAT, "key": key, "checksum": entry_checksum(cpu), "tensors": cpu}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+            os.replace(tmp, path)
+        except OSError as err:
+            log.warning("could not write embedding cache entry %s: %s", path, err)
+            Path(tmp).unlink(missing_ok=True)
+            return
+        if self.max_disk_bytes is not None:
+            self._prune_disk()
+
+    def _read(self, key: str) -> Entry | None:
+        path = self._path(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            ok = (isinstance(payload, dict) and payload.get("format") == FORMAT and payload.get("key") == key
+                  and isinstance(payload.get("tensors"), dict)
+                  and all(isinstance(v, torch.Tensor) for v in payload["tensors"].values())
+                  and payload.get("checksum") == entry_checksum(payload["tensors"]))
+        except Exception as err:  # truncated / corrupt / foreign files raise many error types
+            log.warning("ignoring unreadable embedding cache entry %s: %s", path, err)
+            ok = False
+        if not ok:
+            log.warning("removing invalid embedding cache entry %s", path)
+            path.unlink(missing_ok=True)
+            return None
+        os.utime(path)
+        return payload["tensors"]
+
+    def _prune_disk(self) -> None:
+        files = []
+        for f in self._disk_files():
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            files.append((st.st_mtime, st.st_size, f))
+        total = sum(s for _, s, _ in files)
+        for _, size, f in sorted(files):
+            if total <= self.max_disk_bytes:
+                break
+            f.unlink(missing_ok=True)
+            total -= size
+
+
+__all__ = ["EmbeddingCache", "WeightsFingerprint", "digest", "entry_checksum", "entry_nbytes"]

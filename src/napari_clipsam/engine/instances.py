@@ -1,0 +1,183 @@
+"""Instance masks → a label image: a compact container, mask NMS, and painting without overlaps.
+
+Masks are kept as crops (bounding box + boolean crop) so that hundreds of instances of a large
+image stay small. Boxes are ``(y0, x0, y1, x1)`` half-open, in image pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Instances:
+    """N instance masks.
+
+    boxes: (N, 4) int64 ``(y0, x0, y1, x1)``; masks: N boolean crops of shape ``(y1-y0, x1-x0)``;
+    scores: (N,) float32 in [0, 1]; source: (N,) int64 tag (e.g. the tile each came from).
+    """
+
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int64))
+    masks: list[np.ndarray] = field(default_factory=list)
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    source: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def __post_init__(self):
+        self.boxes = np.asarray(self.boxes, np.int64).reshape(-1, 4)
+        self.scores = np.asarray(self.scores, np.float32).reshape(-1)
+        if len(self.source) != len(self.scores):
+            self.source = np.zeros(len(self.scores), np.int64)
+        self.source = np.asarray(self.source, np.int64).reshape(-1)
+        if not len(self.boxes) == len(self.masks) == len(self.scores):
+            raise ValueError(f"Instances: {len(self.boxes)} boxes, {len(self.masks)} masks, {len(self.scores)} scores")
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    @classmethod
+    def from_dense(cls, masks: np.ndarray, scores: np.ndarray, offset: tuple[int, int] = (0, 0),
+                   source: int = 0) -> "Instances":
+        """(N, H, W) boolean masks → instances (empty masks dropped), shifted by ``offset`` (dy, dx)."""
+        boxes, crops, keep = [], [], []
+        for i, m in enumerate(np.asarray(masks, bool)):
+            rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+            if not len(rows):
+                continue
+            y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+            boxes.append((y0 + offset[0], x0 + offset[1], y1 + offset[0], x1 + offset[1]))
+            crops.append(np.ascontiguousarray(m[y0:y1, x0:x1]))
+            keep.append(i)
+        scores = np.asarray(scores, np.float32).reshape(-1)[keep]
+        return cls(np.asarray(boxes, np.int64).reshape(-1, 4), crops, scores, np.full(len(crops), source, np.int64))
+
+    @staticmethod
+    def cat(parts: list["Instances"]) -> "Instances":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Instances()
+        return Instances(np.concatenate([p.boxes for p in parts]), [m for p in parts for m in p.masks],
+                         np.concatenate([p.scores for p in parts]), np.concatenate([p.source for p in parts]))
+
+    def filter(self, keep: np.ndarray) -> "Instances":
+        """Subset by a boolean mask or an index array (order of indices kept)."""
+        idx = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep, np.int64)
+        return Instances(self.boxes[idx], [self.masks[i] for i in idx], self.scores[idx], self.source[idx])
+
+    @property
+    def areas(self) -> np.ndarray:
+        return np.array([int(m.sum()) for m in self.masks], np.int64)
+
+    def dense(self, i: int, shape: tuple[int, int]) -> np.ndarray:
+        """Instance ``i`` as a full (H, W) boolean mask."""
+        out = np.zeros(shape, bool)
+        y0, x0, y1, x1 = self.boxes[i]
+        out[y0:y1, x0:x1] = self.masks[i]
+        return out
+
+    def window(self, i: int, box: np.ndarray) -> np.ndarray:
+        """Instance ``i`` cut to ``box`` (y0, x0, y1, x1): a boolean array of the box's shape."""
+        y0, x0, y1, x1 = box
+        out = np.zeros((y1 - y0, x1 - x0), bool)
+        by0, bx0, by1, bx1 = self.boxes[i]
+        iy0, ix0, iy1, ix1 = max(y0, by0), max(x0, bx0), min(y1, by1), min(x1, bx1)
+        if iy1 > iy0 and ix1 > ix0:
+            out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = self.masks[i][iy0 - by0 : iy1 - by0, ix0 - bx0 : ix1 - bx0]
+        return out
+
+    def overlapping_pairs(self) -> np.ndarray:
+        """(K, 2) index pairs i < j whose boxes intersect."""
+        b = self.boxes
+        if len(b) < 2:
+            return np.zeros((0, 2), np.int64)
+        hit = ((b[:, None, 0] < b[None, :, 2]) & (b[None, :, 0] < b[:, None, 2])
+               & (b[:, None, 1] < b[None, :, 3]) & (b[None, :, 1] < b[:, None, 3]))
+        i, j = np.nonzero(np.triu(hit, 1))
+        return np.stack([i, j], 1)
+
+    def iou(self, i: int, j: int, region: np.ndarray | None = None) -> float:
+        """IoU of instances ``i`` and ``j``, optionally counted inside ``region`` (y0, x0, y1, x1) only."""
+        b = np.concatenate([np.minimum(self.boxes[i, :2], self.boxes[j, :2]),
+                            np.maximum(self.boxes[i, 2:], self.boxes[j, 2:])])
+        if region is not None:
+            b = np.concatenate([np.maximum(b[:2], region[:2]), np.minimum(b[2:], region[2:])])
+            if (b[2:] <= b[:2]).any():
+                return 0.0
+        a, c = self.window(i, b), self.window(j, b)
+        union = np.count_nonzero(a | c)
+        return float(np.count_nonzero(a & c) / union) if union else 0.0
+
+    def union(self, groups: list[list[int]]) -> "Instances":
+        """One instance per group of indices: the union of its masks, the best score."""
+        boxes, masks, scores, source = [], [], [], []
+        for g in groups:
+            box = np.concatenate([self.boxes[g, :2].min(0), self.boxes[g, 2:].max(0)])
+            m = np.zeros((box[2] - box[0], box[3] - box[1]), bool)
+            for i in g:
+                m |= self.window(i, box)
+            boxes.append(box)
+            masks.append(m)
+            scores.append(self.scores[g].max())
+            source.append(self.source[g[0]])
+        return Instances(np.asarray(boxes, np.int64).reshape(-1, 4), masks, scores, source)
+
+
+def mask_nms(inst: Instances, iou_threshold: float = 0.5) -> Instances:
+    """Drop every instance whose IoU with a higher-scoring kept one exceeds ``iou_threshold``."""
+    order = np.argsort(-inst.scores, kind="stable")
+    inst = inst.filter(order)
+    pairs = inst.overlapping_pairs()
+    neighbours: dict[int, list[int]] = {}
+    for i, j in pairs:
+        neighbours.setdefault(int(j), []).append(int(i))
+    keep = np.ones(len(inst), bool)
+    for j in range(len(inst)):
+        for i in neighbours.get(j, ()):
+            if keep[i] and inst.iou(i, j) > iou_threshold:
+                keep[j] = False
+                break
+    return inst.filter(keep)
+
+
+def paint_labels(inst: Instances, shape: tuple[int, int], min_area: int = 1,
+                 min_visible: float = 0.5) -> tuple[np.ndarray, dict[int, float]]:
+    """Paint instances (highest score first) into (H, W) uint32 labels without overlaps.
+
+    A later instance only takes free pixels; it is dropped if fewer than ``min_area`` pixels or
+    less than ``min_visible`` of its own area remain. Ids are 1..K in score order.
+    Returns (labels, {id: score}).
+    """
+    labels = np.zeros(shape, np.uint32)
+    scores: dict[int, float] = {}
+    for i in np.argsort(-inst.scores, kind="stable"):
+        y0, x0, y1, x1 = inst.boxes[i]
+        view = labels[y0:y1, x0:x1]
+        m = inst.masks[i]
+        free = m & (view == 0)
+        n = int(free.sum())
+        if n < max(1, min_area) or n < min_visible * int(m.sum()):
+            continue
+        k = len(scores) + 1
+        view[free] = k
+        scores[k] = float(inst.scores[i])
+    return labels, scores
+
+
+def label_overlap(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairwise IoU between the ids of two label images of equal shape.
+
+    Returns (ids_a (n,), ids_b (m,), iou (n, m)) over the non-zero ids present in each.
+    """
+    a = np.asarray(a).ravel()
+    b = np.asarray(b).ravel()
+    ids_a, inv_a = np.unique(a, return_inverse=True)
+    ids_b, inv_b = np.unique(b, return_inverse=True)
+    table = np.bincount(inv_a * len(ids_b) + inv_b, minlength=len(ids_a) * len(ids_b)).reshape(len(ids_a), len(ids_b))
+    area_a, area_b = table.sum(1), table.sum(0)
+    iou = table / np.maximum(area_a[:, None] + area_b[None, :] - table, 1)
+    ra, rb = ids_a != 0, ids_b != 0
+    return ids_a[ra], ids_b[rb], iou[np.ix_(ra, rb)]
+
+
+__all__ = ["Instances", "label_overlap", "mask_nms", "paint_labels"]

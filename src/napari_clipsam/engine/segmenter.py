@@ -1,0 +1,496 @@
+"""``Segmenter``: embed an image once, then answer clicks, boxes and texts with the decoder only.
+
+From a notebook::
+
+    seg = Segmenter.from_pretrained("demo")
+    seg.set_image(image)                                   # (H, W), (H, W, 3) or channel_axis=...
+    mask, score = seg.predict(points=[[120, 80]], labels=[1])        # (x, y) = (col, row)
+    res = seg.segment_text("nucleus")                       # res.labels (H, W) uint32, res.scores, res.prob
+    vol = seg.segment_volume(stack, text="nucleus")         # (Z, Y, X) → 3D labels
+
+Embeddings are cached (see :mod:`.cache`) under the content hash of the normalised model input
+and a fingerprint of the weights they depend on, so a new image, another model or a changed
+adapter never gets a stale embedding. Images larger than the model input are tiled (see
+:mod:`.tiling`): by default when the longest side exceeds 1.5× the model input, with tiles of
+the model input size (native resolution) and a halo of 1/8 of that.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from os import PathLike
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..models.clipsam import ClipSam, Encoded, ImageFeatures, Prompts
+from ..models.conditioning import pseudo_prompts
+from .cache import EmbeddingCache, WeightsFingerprint, digest
+from .instances import Instances, mask_nms, paint_labels
+from .preprocess import Frame, frame_for, mask_to_prompt, normalize_image, postprocess_logits, to_model_input
+from .tiling import Tile, make_tiles, paste_cores, route, stitch
+
+log = logging.getLogger(__name__)
+
+#: ``progress(done, total, message)``: called on long operations (tiles, slices).
+Progress = Callable[[int, int, str], None]
+
+_DECODER_PARTS = ("sam.prompt_encoder.", "sam.mask_decoder.")
+_DECODE_CHUNK = 32
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else CUDA, then Apple MPS, then CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass
+class TextSegmentation:
+    """Result of :meth:`Segmenter.segment_text`.
+
+    labels: (H, W) uint32 instance ids, 0 = background, no overlaps, ids 1..K by decreasing
+    score; scores: {id: score in [0, 1]} (the decoder's predicted IoU); prob: (H, W) float32
+    semantic probability of the text.
+    """
+
+    labels: np.ndarray
+    scores: dict[int, float] = field(default_factory=dict)
+    prob: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+@dataclass
+class _View:
+    """One model input: the whole image, or one tile. ``key`` hashes its normalised pixels."""
+
+    tile: Tile
+    frame: Frame
+    key: str
+
+    @property
+    def offset(self) -> np.ndarray:
+        return np.array([self.tile.window[1], self.tile.window[0]], np.float32)  # (x, y)
+
+
+def _as_entry(obj: ImageFeatures | Encoded) -> dict[str, torch.Tensor]:
+    names = ("tokens", "embeddings", "patches", "prompt_tokens", "semantic", "similarity")
+    return {n: getattr(obj, n) for n in names if getattr(obj, n, None) is not None}
+
+
+class Segmenter:
+    """Prompted and text-driven segmentation with one :class:`ClipSam`.
+
+    Args:
+        model: the model (moved to ``device`` and put in eval mode).
+        device: torch device; default CUDA, then MPS, then CPU.
+        cache: an :class:`EmbeddingCache` (shared between segmenters, or with a disk directory);
+            default a private 1 GiB memory cache.
+        tile_size: tile side in image pixels. None: tiles of the model input size when the
+            longest image side exceeds 1.5× the model input (smaller images are resized to the
+            input); 0: never tile; an int: tile whenever a side exceeds it.
+        halo: overlap margin per tile side (default ``tile_size // 8``).
+        progress: default ``progress(done, total, message)`` callback.
+    """
+
+    def __init__(self, model: ClipSam, device: str | torch.device | None = None,
+                 cache: EmbeddingCache | None = None, tile_size: int | None = None,
+                 halo: int | None = None, progress: Progress | None = None):
+        if not isinstance(model, ClipSam):
+            raise ValueError(f"Segmenter needs a ClipSam model, got {type(model).__name__}")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.cache = cache if cache is not None else EmbeddingCache()
+        if tile_size is not None and tile_size != 0 and tile_size < 16:
+            raise ValueError(f"tile_size={tile_size} is too small: use 0 (no tiling), None (auto) or >= 16")
+        self.tile_size = tile_size
+        self.halo = halo
+        self.progress = progress
+        cfg = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+        self._fp_features = WeightsFingerprint(
+            model, lambda n: not n.startswith(_DECODER_PARTS + ("conditioning.",)),
+            extra=f"{cfg}|prefix={model.prefix_blocks}")
+        self._fp_encoded = WeightsFingerprint(model, lambda n: not n.startswith(_DECODER_PARTS), extra=cfg)
+        self._seen_fp: str | None = None
+        self.reset_image()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | PathLike, adapter: str | PathLike | Mapping | None = None,
+                        device: str | torch.device | None = None, **kwargs) -> "Segmenter":
+        """A segmenter for a registered model name (``"demo"``) or a ClipSam ``.safetensors`` path;
+        ``adapter`` (a file or a state dict) is applied on top; ``kwargs`` go to the constructor."""
+        from ..models.registry import load_model
+
+        model = load_model(name_or_path)
+        if not isinstance(model, ClipSam):
+            raise ValueError(f"{name_or_path!r} loads a {type(model).__name__}, not a napari-clipsam model: "
+                             "give a ClipSam model name or file")
+        seg = cls(model, device=device, **kwargs)
+        if adapter is not None:
+            seg.set_adapter(adapter)
+        return seg
+
+    # ---- model state --------------------------------------------------------------------------
+    def model_changed(self) -> None:
+        """Declare that the model's weights changed (also detected automatically): embeddings
+        are recomputed under a new fingerprint; nothing stale is returned."""
+        self._fp_features.invalidate()
+        self._fp_encoded.invalidate()
+        self._check_fingerprint()
+
+    def set_adapter(self, adapter: str | PathLike | Mapping[str, torch.Tensor]) -> None:
+        """Load weights (a ``.safetensors`` file or a state dict) into the model by name; every
+        name must exist in the model with the same shape."""
+        if isinstance(adapter, Mapping):
+            state = dict(adapter)
+        else:
+            from safetensors.torch import load_file
+
+            state = load_file(str(adapter))
+        own = self.model.state_dict()
+        unknown = [k for k in state if k not in own]
+        wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+        if unknown or wrong:
+            raise ValueError(f"adapter does not fit this model: unknown weights {unknown[:5]}, "
+                             f"wrong shapes {wrong[:5]}; was it trained on another base model?")
+        self.model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+        self.model_changed()
+        log.info("applied %d adapter tensors", len(state))
+
+    def _check_fingerprint(self) -> tuple[str, str]:
+        f, e = self._fp_features.value(), self._fp_encoded.value()
+        if e != self._seen_fp:
+            clear = getattr(self.model.semantics, "clear_cache", None)
+            if clear is not None and self._seen_fp is not None:
+                clear()
+            self._seen_fp = e
+        return f, e
+
+    # ---- image --------------------------------------------------------------------------------
+    def reset_image(self) -> None:
+        """Forget the current image."""
+        self._image: np.ndarray | None = None
+        self._views: list[_View] = []
+        self._global: _View | None = None
+        self._blank = False
+        self._hash = ""
+
+    @property
+    def image_shape(self) -> tuple[int, int] | None:
+        """(H, W) of the current image, or None."""
+        return None if self._image is None else self._image.shape[:2]
+
+    @property
+    def tiles(self) -> list[Tile]:
+        return [v.tile for v in self._views]
+
+    def set_image(self, image: np.ndarray, channel_axis: int | None = None, channels: Sequence[int] | None = None,
+                  embed: bool = True, progress: Progress | None = None) -> None:
+        """Set the image to segment: (H, W) grayscale of any dtype, (H, W, 3) RGB, or
+        multichannel with ``channel_axis`` (``channels`` picks up to 3, else all are merged).
+
+        Percentile-normalised (see :func:`normalize_image`). With ``embed`` the image features of
+        every tile are computed now (cached); otherwise on first use. A constant image is
+        allowed: every result on it is empty. Raises ``ValueError`` for bad images.
+        """
+        self.set_normalized(normalize_image(image, channel_axis, channels), embed, progress)
+
+    def set_normalized(self, image01: np.ndarray, embed: bool = True, progress: Progress | None = None) -> None:
+        """Like :meth:`set_image` for an already normalised (H, W, 3) float image in [0, 1]."""
+        image01 = np.asarray(image01, np.float32)
+        if image01.ndim != 3 or image01.shape[-1] != 3:
+            raise ValueError(f"normalised image must be (H, W, 3), got {image01.shape}")
+        self.reset_image()
+        self._image = image01
+        self._blank = not bool(image01.any())
+        self._hash = digest(image01)
+        s = self.model.img_size
+        self._views = [_View(t, frame_for(t.shape, s), digest(self._hash, t.window, s))
+                       for t in self._tiles_for(image01.shape[:2])]
+        if len(self._views) > 1:
+            log.info("image %s split into %d tiles", image01.shape[:2], len(self._views))
+        if embed and not self._blank:
+            report = progress or self.progress
+            for i, view in enumerate(self._views):
+                self._features(view)
+                if report:
+                    report(i + 1, len(self._views), "embedding")
+
+    def _tiles_for(self, shape: tuple[int, int]) -> list[Tile]:
+        h, w = int(shape[0]), int(shape[1])
+        s = self.model.img_size
+        size = self.tile_size
+        if size is None:
+            tiled, size = max(h, w) > 1.5 * s, s
+        else:
+            tiled = size > 0 and max(h, w) > size
+        if not tiled:
+            return [Tile((0, 0, h, w), (0, 0, h, w))]
+        halo = self.halo if self.halo is not None else size // 8
+        return make_tiles((h, w), size, halo)
+
+    def _global_view(self) -> _View:
+        """The whole image resized to the model input (for prompts larger than a tile)."""
+        if self._global is None:
+            h, w = self._image.shape[:2]
+            t = Tile((0, 0, h, w), (0, 0, h, w))
+            s = self.model.img_size
+            self._global = _View(t, frame_for((h, w), s), digest(self._hash, t.window, s, "global"))
+        return self._global
+
+    def _require_image(self) -> None:
+        if self._image is None:
+            raise RuntimeError("no image set: call set_image(image) before predict/segment_text")
+
+    # ---- embeddings ---------------------------------------------------------------------------
+    def _input(self, view: _View) -> torch.Tensor:
+        y0, x0, y1, x1 = view.tile.window
+        t, _ = to_model_input(self._image[y0:y1, x0:x1], self.model.img_size)
+        return t[None].to(self.device)
+
+    def _cached(self, key: str, compute: Callable[[], ImageFeatures | Encoded]) -> dict[str, torch.Tensor]:
+        entry = self.cache.get(key)
+        if entry is None:
+            with torch.no_grad():
+                entry = _as_entry(compute())
+            self.cache.put(key, entry)
+        return {k: v.to(self.device) for k, v in entry.items()}
+
+    def _features(self, view: _View) -> ImageFeatures:
+        fp, _ = self._check_fingerprint()
+        e = self._cached(digest("features", fp, view.key), lambda: self.model.embed_image(self._input(view)))
+        return ImageFeatures(e.get("tokens"), e.get("embeddings"), e["patches"])
+
+    def _encoded(self, view: _View, text: str | None) -> Encoded:
+        if text is None and not self.model.text_dependent_encoder:
+            return Encoded(embeddings=self._features(view).embeddings, texts=(None,))
+        _, fp = self._check_fingerprint()
+        e = self._cached(digest("encoded", fp, view.key, text),
+                         lambda: self.model.condition(self._features(view), [text]))
+        return Encoded(e["embeddings"], e.get("prompt_tokens"), e.get("semantic"), e.get("similarity"), (text,))
+
+    # ---- prompts ------------------------------------------------------------------------------
+    def _check_prompts(self, points, labels, box, mask_input):
+        h, w = self._image.shape[:2]
+        if points is not None:
+            points = np.asarray(points, np.float32)
+            if points.ndim == 1 and points.shape == (2,):
+                points = points[None]
+            if points.ndim != 2 or points.shape[1] != 2 or not len(points):
+                raise ValueError(f"points must be (N, 2) as (x, y) = (col, row), got shape {points.shape}")
+            if not np.isfinite(points).all():
+                raise ValueError("points contain NaN or inf")
+            if (points < 0).any() or (points[:, 0] > w - 1).any() or (points[:, 1] > h - 1).any():
+                raise ValueError(f"points {points.tolist()} lie outside the image (x < {w}, y < {h})")
+            labels = np.ones(len(points), np.int64) if labels is None else np.asarray(labels)
+            if labels.shape != (len(points),):
+                raise ValueError(f"labels must have shape ({len(points)},), one per point, got {labels.shape}")
+            if not np.isin(labels, (0, 1)).all():
+                raise ValueError(f"labels must be 1 (positive) or 0 (negative), got {np.unique(labels).tolist()}")
+            labels = labels.astype(np.int64)
+        elif labels is not None:
+            raise ValueError("labels given without points")
+        if box is not None:
+            box = np.asarray(box, np.float32).reshape(-1)
+            if box.shape != (4,) or not np.isfinite(box).all() or box[2] <= box[0] or box[3] <= box[1]:
+                raise ValueError(f"box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {box.tolist()}")
+            box = np.clip(box, 0, [w, h, w, h]).astype(np.float32)
+            if box[2] <= box[0] or box[3] <= box[1]:
+                raise ValueError(f"box lies outside the image ({w} × {h})")
+        if mask_input is not None:
+            mask_input = np.asarray(mask_input, bool)
+            if mask_input.shape != (h, w):
+                raise ValueError(f"mask_input must be a (H, W) = {(h, w)} boolean mask, got {mask_input.shape}")
+        return points, labels, box, mask_input
+
+    def _route(self, points, box, mask_input) -> _View:
+        ys, xs = [], []
+        if points is not None:
+            xs += [points[:, 0].min(), points[:, 0].max() + 1]
+            ys += [points[:, 1].min(), points[:, 1].max() + 1]
+        if box is not None:
+            xs += [box[0], box[2]]
+            ys += [box[1], box[3]]
+        if mask_input is not None and mask_input.any():
+            rows, cols = np.flatnonzero(mask_input.any(1)), np.flatnonzero(mask_input.any(0))
+            xs += [cols[0], cols[-1] + 1]
+            ys += [rows[0], rows[-1] + 1]
+        if len(self._views) == 1:
+            return self._views[0]
+        i = route([v.tile for v in self._views], (min(ys), min(xs), max(ys), max(xs)))
+        if i is None:
+            log.warning("prompt spans more than one tile: predicting on the whole image at reduced resolution")
+            return self._global_view()
+        return self._views[i]
+
+    def _decode_view(self, view: _View, text, points, labels, box, mask_input, multimask):
+        """→ (logits (M, h, w) over the view's window, predicted IoU (M,))."""
+        enc = self._encoded(view, text)
+        y0, x0, y1, x1 = view.tile.window
+        kw = {}
+        if points is not None:
+            kw["points"] = torch.from_numpy(view.frame.to_input(points - view.offset))[None]
+            kw["labels"] = torch.from_numpy(labels)[None]
+        if box is not None:
+            kw["boxes"] = torch.from_numpy(view.frame.to_input((box.reshape(2, 2) - view.offset)).reshape(1, 4))
+        if mask_input is not None:
+            kw["masks"] = mask_to_prompt(mask_input[y0:y1, x0:x1], view.frame, self.model.mask_size)
+        with torch.no_grad():
+            low, iou = self.model.decode(enc, Prompts(torch.zeros(1), **kw), multimask)
+            logits = postprocess_logits(low, view.frame)[0]
+        return logits, iou[0]
+
+    def predict_torch(self, points: np.ndarray | None = None, labels: np.ndarray | None = None,
+                      box: np.ndarray | None = None, text: str | None = None, multimask: bool = False,
+                      mask_input: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The torch twin of :meth:`predict`: (logits (M, H, W) at image size, predicted IoU (M,)),
+        M = 3 with ``multimask`` else 1; pixels outside the routed tile get -inf."""
+        self._require_image()
+        text = self._check_text(text, required=False)
+        points, labels, box, mask_input = self._check_prompts(points, labels, box, mask_input)
+        if points is None and box is None and mask_input is None:
+            if text is None:
+                raise ValueError("predict needs points, a box, a mask_input or a text")
+            return self._predict_text_only(text, multimask)
+        view = self._route(points, box, mask_input)
+        logits, iou = self._decode_view(view, text, points, labels, box, mask_input, multimask)
+        h, w = self._image.shape[:2]
+        full = torch.full((logits.shape[0], h, w), -math.inf)
+        y0, x0, y1, x1 = view.tile.window
+        full[:, y0:y1, x0:x1] = logits.cpu()
+        return full, iou.cpu()
+
+    def _predict_text_only(self, text: str, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        parts, ious, areas = [], [], []
+        for view in self._views:
+            logits, iou = self._decode_view(view, text, None, None, None, None, multimask)
+            parts.append(logits.cpu())
+            ious.append(iou.cpu())
+            areas.append((logits > 0).flatten(1).sum(1).float().cpu())
+        h, w = self._image.shape[:2]
+        full = torch.stack([torch.from_numpy(paste_cores([v.tile for v in self._views], [p[m].numpy() for p in parts],
+                                                         (h, w))) for m in range(parts[0].shape[0])])
+        weights = torch.stack(areas) + 1e-6
+        return full, (torch.stack(ious) * weights).sum(0) / weights.sum(0)
+
+    def predict(self, points: np.ndarray | Sequence | None = None, labels: np.ndarray | Sequence | None = None,
+                box: np.ndarray | Sequence | None = None, text: str | None = None, multimask: bool = False,
+                mask_input: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+        """One object from prompts → (mask (H, W) bool, score in [0, 1]).
+
+        points: (N, 2) (x, y) = (col, row) image pixels; labels: (N,) 1 positive / 0 negative
+        (default all positive); box: (x0, y0, x1, y1); text: a concept (conditions the decoder;
+        alone it asks for the text's mask); mask_input: (H, W) bool prior mask (e.g. the
+        neighbouring slice's). With ``multimask`` the best of SAM's three masks is returned.
+        Only the decoder runs once the image (and text) is embedded.
+        """
+        self._require_image()
+        h, w = self._image.shape[:2]
+        if self._blank:
+            self._check_text(text, required=False)
+            self._check_prompts(points, labels, box, mask_input)
+            return np.zeros((h, w), bool), 0.0
+        logits, iou = self.predict_torch(points, labels, box, text, multimask, mask_input)
+        best = int(torch.argmax(iou))
+        return (logits[best] > 0).numpy(), float(iou[best].clamp(0, 1))
+
+    @staticmethod
+    def _check_text(text, required: bool = True) -> str | None:
+        if text is None and not required:
+            return None
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"text must be a non-empty string (a concept such as 'nucleus'), got {text!r}")
+        return text.strip()
+
+    # ---- text → instances ---------------------------------------------------------------------
+    def segment_text(self, text: str, threshold: float = 0.5, min_area: int = 16, min_score: float = 0.25,
+                     nms_iou: float = 0.5, merge_iou: float = 0.5, progress: Progress | None = None) -> TextSegmentation:
+        """All instances of ``text`` in the current image.
+
+        The text's semantic map (``prob``) is thresholded at ``threshold`` into regions (large ones
+        split, see :func:`pseudo_prompts`); each region's best point + its mask prompt the
+        decoder, all in one batch. Masks overlapping a better one by IoU > ``nms_iou`` are
+        dropped, then masks under ``min_area`` pixels or ``min_score`` predicted IoU; on tiled
+        images instances from neighbouring tiles agreeing (IoU ≥ ``merge_iou``) in their overlap
+        are merged into one.
+        """
+        self._require_image()
+        text = self._check_text(text)
+        h, w = self._image.shape[:2]
+        if self._blank:
+            return TextSegmentation(np.zeros((h, w), np.uint32), {}, np.zeros((h, w), np.float32))
+        report = progress or self.progress
+        parts, probs = [], []
+        for i, view in enumerate(self._views):
+            inst, prob = self._instances_in_view(view, text, threshold, min_area, source=i)
+            parts.append(inst)
+            probs.append(prob)
+            if report:
+                report(i + 1, len(self._views), "segment_text")
+        inst = Instances.cat(parts)
+        tiles = [v.tile for v in self._views]
+        if len(tiles) > 1:
+            inst = stitch(inst, tiles, merge_iou)
+        inst = inst.filter((inst.areas >= min_area) & (inst.scores >= min_score))
+        inst = mask_nms(inst, nms_iou)
+        labels, scores = paint_labels(inst, (h, w), min_area)
+        return TextSegmentation(labels, scores, paste_cores(tiles, probs, (h, w)))
+
+    def _instances_in_view(self, view: _View, text: str, threshold: float, min_area: int,
+                           source: int) -> tuple[Instances, np.ndarray]:
+        """Instances (image coordinates) and the (h, w) probability map of one view."""
+        enc = self._encoded(view, text)
+        s, m, frame = self.model.img_size, self.model.mask_size, view.frame
+        with torch.no_grad():
+            sem = self.model.semantic_logits(enc)
+            prob = torch.sigmoid(postprocess_logits(sem, frame))[0, 0].cpu().numpy()
+        low = torch.sigmoid(sem)[0, 0].cpu().numpy()
+        vh, vw = math.ceil(frame.resized[0] * m / s), math.ceil(frame.resized[1] * m / s)
+        low[vh:], low[:, vw:] = 0.0, 0.0  # padding is not image
+        cell_area = (s / m / frame.scale) ** 2  # image pixels per low-res cell
+        pp = pseudo_prompts(low, threshold=threshold, min_area=max(1, int(min_area / cell_area)))
+        if not len(pp):
+            return Instances(), prob
+        r = s / m
+        pts = torch.from_numpy(pp.points * r - 0.5)[:, None]
+        region = torch.from_numpy(pp.masks[:, None].astype(np.float32))
+        prompts = Prompts(torch.zeros(len(pp)), points=pts, labels=torch.ones(len(pp), 1),
+                          masks=(region * 2 - 1) * 8.0)
+        with torch.no_grad():
+            low_masks, iou = self.model.decode(enc, prompts)
+        y0, x0 = view.tile.window[:2]
+        out = []
+        for c in range(0, len(pp), _DECODE_CHUNK):
+            with torch.no_grad():
+                masks = postprocess_logits(low_masks[c : c + _DECODE_CHUNK], frame)[:, 0] > 0
+            out.append(Instances.from_dense(masks.cpu().numpy(), iou[c : c + _DECODE_CHUNK, 0].clamp(0, 1).cpu().numpy(),
+                                            offset=(y0, x0), source=source))
+        return Instances.cat(out), prob
+
+    # ---- volumes ------------------------------------------------------------------------------
+    def segment_volume(self, volume: np.ndarray, z: int | None = None, points=None, labels=None, box=None,
+                       text: str | None = None, **kwargs):
+        """(Z, Y, X) volume → :class:`~napari_clipsam.engine.volume.VolumeSegmentation`.
+
+        With points/box on slice ``z``: propagate that object up and down through z. With only
+        ``text``: instances per slice linked across z into 3D labels. See :mod:`.volume` for the
+        options (thresholds, ``channel_axis``, ``progress``). The last slice processed stays set.
+        """
+        from .volume import segment_volume
+
+        return segment_volume(self, volume, z=z, points=points, labels=labels, box=box, text=text, **kwargs)
+
+
+__all__ = ["Segmenter", "TextSegmentation", "resolve_device"]

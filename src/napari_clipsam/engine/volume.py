@@ -1,0 +1,201 @@
+"""3D (Z, Y, X) volumes: propagate one prompted object through z, or link per-slice text instances.
+
+Slices are normalised with intensity limits computed once for the whole volume (so brightness is
+comparable across z) and embedded lazily through the segmenter's cache: re-running on the same
+volume costs only decoding.
+
+Propagation: the object is segmented on slice ``z`` from the user's prompts; then, slice by slice
+upwards and downwards, the previous slice's mask prompts the next one (as a mask prompt, a
+positive point at its deepest interior pixel and its bounding box, slightly grown). It stops
+when the mask is empty or smaller than ``min_area``, its score drops below ``min_score``, or its
+IoU with the previous mask drops below ``min_iou``.
+
+Text linking: ``segment_text`` on every slice; instances of consecutive slices are matched one to
+one by IoU (Hungarian assignment, pairs with IoU ≥ ``link_iou``) and share the 3D id.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
+
+from .instances import label_overlap
+from .preprocess import _channels_last, channel_limits, normalize_image
+
+if TYPE_CHECKING:
+    from .segmenter import Progress, Segmenter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VolumeSegmentation:
+    """labels: (Z, Y, X) uint32 (0 background); scores: {3D id: mean score over its slices};
+    slice_scores: (Z,) float32 score of the propagated object per slice (NaN where it is absent;
+    for text linking, the number of instances per slice)."""
+
+    labels: np.ndarray
+    scores: dict[int, float] = field(default_factory=dict)
+    slice_scores: np.ndarray | None = None
+
+
+class NormalizedVolume:
+    """Lazy per-slice normalisation of a (Z, Y, X) or, with ``channel_axis``, (Z, Y, X, C) volume."""
+
+    def __init__(self, volume: np.ndarray, channel_axis: int | None = None, channels: Sequence[int] | None = None,
+                 percentiles: tuple[float, float] = (1.0, 99.8)):
+        vol = np.asarray(volume)
+        if vol.size == 0:
+            raise ValueError(f"volume is empty (shape {vol.shape})")
+        if channel_axis is not None:
+            if vol.ndim != 4:
+                raise ValueError(f"channel_axis={channel_axis} needs a 4D volume (Z, Y, X, C), got shape {vol.shape}")
+            vol = np.moveaxis(vol, channel_axis, -1)
+        elif vol.ndim != 3:
+            raise ValueError(f"expected a (Z, Y, X) volume, got shape {vol.shape}: pass channel_axis= for a "
+                             "multichannel (Z, Y, X, C) volume, or set_image for a 2D image")
+        self.volume = vol
+        self.channel_axis = -1 if channel_axis is not None else None
+        self.channels = channels
+        step = max(1, len(vol) // 16)  # limits from at most ~16 evenly spread slices
+        sample = np.stack([_channels_last(vol[z], self.channel_axis, channels) for z in range(0, len(vol), step)])
+        self.limits = channel_limits(sample, percentiles)
+        if np.isnan(self.limits).all():
+            raise ValueError("volume is all NaN")
+
+    def __len__(self) -> int:
+        return len(self.volume)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.volume.shape[:3])
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        return normalize_image(self.volume[z], self.channel_axis, self.channels, limits=self.limits)
+
+
+def _report(progress, done: int, total: int, message: str) -> None:
+    if progress is not None:
+        progress(done, total, message)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.count_nonzero(a | b)
+    return float(np.count_nonzero(a & b) / union) if union else 0.0
+
+
+def mask_prompts(mask: np.ndarray, grow: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """A mask → (point (1, 2) at its deepest interior pixel as (x, y), box (x0, y0, x1, y1) grown
+    by ``grow`` of its size on each side, clipped to the image)."""
+    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    h, w = mask.shape
+    gy, gx = grow * (rows[-1] + 1 - rows[0]), grow * (cols[-1] + 1 - cols[0])
+    box = np.array([max(0, cols[0] - gx), max(0, rows[0] - gy), min(w, cols[-1] + 1 + gx), min(h, rows[-1] + 1 + gy)],
+                   np.float32)
+    return np.array([[x, y]], np.float32), box
+
+
+def propagate(seg: "Segmenter", volume: np.ndarray | NormalizedVolume, z: int, points=None, labels=None, box=None,
+              text: str | None = None, min_score: float = 0.3, min_iou: float = 0.25, min_area: int = 8,
+              progress: "Progress | None" = None) -> VolumeSegmentation:
+    """Segment one object from prompts on slice ``z`` and follow it through the volume.
+
+    Returns labels with the object as id 1 and per-slice scores (NaN where it is absent).
+    """
+    vol = volume if isinstance(volume, NormalizedVolume) else NormalizedVolume(volume)
+    nz = len(vol)
+    if not -nz <= z < nz:
+        raise ValueError(f"z={z} is outside the volume's {nz} slices")
+    z = z % nz
+    progress = progress or seg.progress
+    out = np.zeros(vol.shape, np.uint32)
+    slice_scores = np.full(nz, np.nan, np.float32)
+    seg.set_normalized(vol[z], embed=False)
+    mask, score = seg.predict(points=points, labels=labels, box=box, text=text)
+    done = 1
+    _report(progress, done, nz, "propagate")
+    if not mask.any():
+        log.info("propagate: the prompts give an empty mask on slice %d", z)
+        return VolumeSegmentation(out, {}, slice_scores)
+    out[z][mask] = 1
+    slice_scores[z] = score
+    for step in (1, -1):
+        prev = mask
+        k = z + step
+        while 0 <= k < nz:
+            seg.set_normalized(vol[k], embed=False)
+            point, grown = mask_prompts(prev)
+            cur, sc = seg.predict(points=point, labels=[1], box=grown, text=text, mask_input=prev)
+            done += 1
+            _report(progress, done, nz, "propagate")
+            iou = _iou(cur, prev)
+            if cur.sum() < min_area or sc < min_score or iou < min_iou:
+                log.info("propagate: stop at slice %d (area %d, score %.2f, IoU with previous %.2f)",
+                         k, int(cur.sum()), sc, iou)
+                break
+            out[k][cur] = 1
+            slice_scores[k] = sc
+            prev = cur
+            k += step
+    return VolumeSegmentation(out, {1: float(np.nanmean(slice_scores))}, slice_scores)
+
+
+def link_text(seg: "Segmenter", volume: np.ndarray | NormalizedVolume, text: str, link_iou: float = 0.25,
+              progress: "Progress | None" = None, **segment_kwargs) -> VolumeSegmentation:
+    """``segment_text`` per slice, linked across z by one-to-one IoU matching into 3D ids."""
+    vol = volume if isinstance(volume, NormalizedVolume) else NormalizedVolume(volume)
+    progress = progress or seg.progress
+    nz = len(vol)
+    out = np.zeros(vol.shape, np.uint32)
+    counts = np.zeros(nz, np.float32)
+    per_id: dict[int, list[float]] = {}
+    prev = None
+    next_id = 1
+    for z in range(nz):
+        seg.set_normalized(vol[z], embed=False)
+        res = seg.segment_text(text, **segment_kwargs)
+        lut = np.zeros(len(res.scores) + 1, np.uint32)
+        taken: set[int] = set()
+        if prev is not None and res.scores and prev.any():
+            ids_a, ids_b, iou = label_overlap(prev, res.labels)
+            rows, cols = linear_sum_assignment(-iou)
+            for r, c in zip(rows, cols):
+                if iou[r, c] >= link_iou:
+                    lut[ids_b[c]] = ids_a[r]
+                    taken.add(int(ids_b[c]))
+        for k, s in res.scores.items():
+            if k not in taken:
+                lut[k] = next_id
+                next_id += 1
+            per_id.setdefault(int(lut[k]), []).append(s)
+        out[z] = lut[res.labels]
+        counts[z] = len(res.scores)
+        prev = out[z]
+        _report(progress, z + 1, nz, "segment_text")
+    return VolumeSegmentation(out, {k: float(np.mean(v)) for k, v in per_id.items()}, counts)
+
+
+def segment_volume(seg: "Segmenter", volume: np.ndarray, z: int | None = None, points=None, labels=None, box=None,
+                   text: str | None = None, channel_axis: int | None = None, channels: Sequence[int] | None = None,
+                   **kwargs) -> VolumeSegmentation:
+    """Dispatch: prompts (points/box) on slice ``z`` → :func:`propagate`; text only → :func:`link_text`."""
+    vol = NormalizedVolume(volume, channel_axis, channels)
+    if points is not None or box is not None:
+        if z is None:
+            raise ValueError("give z, the slice the points/box are on")
+        return propagate(seg, vol, z, points=points, labels=labels, box=box, text=text, **kwargs)
+    if labels is not None:
+        raise ValueError("labels given without points")
+    if text is None:
+        raise ValueError("segment_volume needs points/box on a slice z, or a text")
+    return link_text(seg, vol, text, **kwargs)
+
+
+__all__ = ["NormalizedVolume", "VolumeSegmentation", "link_text", "mask_prompts", "propagate", "segment_volume"]

@@ -1,0 +1,192 @@
+"""Segmenter on tiny untrained models: embed once, invalidation, disk cache, inputs and errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_clipsam.engine.cache import EmbeddingCache
+from napari_clipsam.engine.segmenter import Segmenter, TextSegmentation, resolve_device
+from napari_clipsam.models.clipsam import ClipSam, tiny_config
+
+STRATEGIES = ["adapter", "ssp", "pseudo"]
+
+
+def _model(strategy="ssp", seed=0):
+    torch.manual_seed(seed)
+    return ClipSam(tiny_config(strategy))
+
+
+def _calls(module):
+    calls = []
+    module.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def _image(seed=0, shape=(48, 56)):
+    return np.random.default_rng(seed).integers(0, 4000, shape).astype(np.uint16)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_predict_twice_runs_the_image_encoder_once(strategy):
+    model = _model(strategy)
+    enc_calls = _calls(model.sam.image_encoder.patch_embed)
+    last_block = _calls(model.sam.image_encoder.blocks[-1])
+    seg = Segmenter(model)
+    seg.set_image(_image())
+    assert len(enc_calls) == 1
+    m1, s1 = seg.predict(points=[[10, 20]], labels=[1])
+    m2, s2 = seg.predict(points=[[10, 20], [40, 5]], labels=[1, 0], box=[2, 3, 30, 40])
+    t1 = seg.predict(points=[[10, 20]], text="nucleus")
+    blocks_after_text = len(last_block)
+    t2 = seg.predict(box=[2, 3, 30, 40], text="nucleus")
+    assert len(enc_calls) == 1  # decoder only from here on
+    assert len(last_block) == blocks_after_text  # the (image, text) conditioning is cached too
+    assert m1.shape == (48, 56) and m1.dtype == bool and 0.0 <= s1 <= 1.0
+    assert np.array_equal(seg.predict(points=[[10, 20]], labels=[1])[0], m1)
+    assert np.array_equal(seg.predict(points=[[10, 20]], text="nucleus")[0], t1[0])
+    seg.set_image(_image(1))  # a new image is embedded
+    assert len(enc_calls) == 2
+    seg.set_image(_image(0))  # the first one again comes from the cache
+    assert len(enc_calls) == 2
+    assert np.array_equal(seg.predict(points=[[10, 20]], labels=[1])[0], m1)
+
+
+def _fresh_prediction(model, image, **prompts):
+    """Logits from a copy of ``model`` in a new segmenter with an empty cache."""
+    clone = ClipSam(model.config)
+    clone.load_state_dict(model.state_dict())
+    seg = Segmenter(clone)
+    seg.set_image(image)
+    return seg.predict_torch(**prompts)[0]
+
+
+@pytest.mark.parametrize("strategy", ["adapter", "pseudo"])
+def test_changed_weights_never_give_stale_embeddings(strategy):
+    model = _model(strategy)
+    cache = EmbeddingCache()
+    seg = Segmenter(model, cache=cache)
+    img = _image()
+    seg.set_image(img)
+    before = seg.predict_torch(box=[5, 5, 40, 40], text="nucleus")[0]
+    # A fine-tuning step changes the strategy's weights in place (an adapter being trained).
+    params = [p for p in model.conditioning.parameters()] + list(model.sam.image_encoder.neck.parameters())
+    opt = torch.optim.SGD(params, lr=0.5)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    after = seg.predict_torch(box=[5, 5, 40, 40], text="nucleus")[0]
+    torch.testing.assert_close(after, _fresh_prediction(model, img, box=[5, 5, 40, 40], text="nucleus"))
+    assert (after - before).abs().max() > 1e-3
+
+    # set_adapter (a state dict or file of weights) invalidates as well.
+    enc_calls = _calls(model.sam.image_encoder.patch_embed)
+    state = {k: v + 0.05 for k, v in model.state_dict().items() if k.startswith("sam.image_encoder.patch_embed")}
+    seg.set_adapter(state)
+    got = seg.predict_torch(points=[[10, 20]])[0]
+    assert len(enc_calls) == 1
+    torch.testing.assert_close(got, _fresh_prediction(model, img, points=[[10, 20]]))
+    with pytest.raises(ValueError, match="does not fit"):
+        seg.set_adapter({"nope.weight": torch.zeros(1)})
+
+
+def test_disk_cache_survives_new_segmenter_and_is_ignored_after_model_change(tmp_path):
+    img = _image()
+    model = _model("ssp")
+    Segmenter(model, cache=EmbeddingCache(directory=tmp_path)).set_image(img)
+    assert list(tmp_path.glob("*/*.pt"))
+
+    # The same weights loaded from a file, a new segmenter and a new cache object: no encoding.
+    same = ClipSam.load(model.save(tmp_path / "m.safetensors"))
+    calls = _calls(same.sam.image_encoder.patch_embed)
+    seg = Segmenter(same, cache=EmbeddingCache(directory=tmp_path / ""))
+    seg.set_image(img)
+    logits, _ = seg.predict_torch(points=[[10, 20]])
+    assert len(calls) == 0
+    torch.testing.assert_close(logits, _fresh_prediction(model, img, points=[[10, 20]]))
+
+    other = _model("ssp", seed=1)
+    calls = _calls(other.sam.image_encoder.patch_embed)
+    seg = Segmenter(other, cache=EmbeddingCache(directory=tmp_path))
+    seg.set_image(img)
+    assert len(calls) == 1
+    torch.testing.assert_close(seg.predict_torch(points=[[10, 20]])[0], _fresh_prediction(other, img, points=[[10, 20]]))
+
+
+def test_inputs_rgb_multichannel_and_coordinates():
+    seg = Segmenter(_model("pseudo"), tile_size=0)
+    rgb = np.random.default_rng(0).integers(0, 255, (30, 70, 3), dtype=np.uint8)
+    seg.set_image(rgb)
+    assert seg.predict(points=[[69, 29]])[0].shape == (30, 70)  # (x, y) = (col, row): last pixel is valid
+    with pytest.raises(ValueError, match="outside the image"):
+        seg.predict(points=[[29, 69]])  # swapped (row, col) is outside
+    multi = np.random.default_rng(1).random((5, 40, 40)).astype(np.float32)
+    seg.set_image(multi, channel_axis=0, channels=[0, 3])
+    res = seg.segment_text("nucleus", min_score=0.0)
+    assert isinstance(res, TextSegmentation)
+    assert res.labels.shape == res.prob.shape == (40, 40) and res.labels.dtype == np.uint32
+    assert set(np.unique(res.labels)) - {0} == set(res.scores)
+    assert 0 <= res.prob.min() and res.prob.max() <= 1
+
+
+def test_bad_inputs_raise_clear_errors():
+    seg = Segmenter(_model())
+    with pytest.raises(RuntimeError, match="set_image"):
+        seg.predict(points=[[1, 1]])
+    with pytest.raises(RuntimeError, match="set_image"):
+        seg.segment_text("nucleus")
+    for bad, msg in [(np.zeros((2, 3, 8, 8)), "2D image"), (np.zeros((0, 5)), "empty"),
+                     (np.full((8, 8), np.nan), "NaN"), (np.zeros((5, 8, 8)), "channel_axis")]:
+        with pytest.raises(ValueError, match=msg):
+            seg.set_image(bad)
+    seg.set_image(_image())
+    cases = [
+        (dict(points=[[1, 1], [2, 2]], labels=[1]), "labels must have shape"),
+        (dict(points=[[1, 1]], labels=[[1]]), "labels must have shape"),
+        (dict(points=[[1, 1]], labels=[2]), "positive"),
+        (dict(points=[1, 2, 3]), "points must be"),
+        (dict(box=[10, 10, 5, 20]), "box must be"),
+        (dict(box=[100, 100, 120, 120]), "outside"),
+        (dict(), "needs points"),
+        (dict(points=[[1, 1]], text=""), "non-empty"),
+        (dict(mask_input=np.zeros((3, 3), bool)), "mask_input"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            seg.predict(**kw)
+    with pytest.raises(ValueError, match="non-empty"):
+        seg.segment_text("  ")
+
+
+def test_constant_image_gives_empty_results_without_running_the_model():
+    model = _model("pseudo")
+    calls = _calls(model.sam.image_encoder.patch_embed)
+    seg = Segmenter(model)
+    seg.set_image(np.full((40, 50), 7, np.uint16))
+    res = seg.segment_text("nucleus", min_score=0.0)
+    assert res.labels.shape == (40, 50) and not res.labels.any() and res.scores == {} and not res.prob.any()
+    mask, score = seg.predict(points=[[3, 4]])
+    assert not mask.any() and score == 0.0 and len(calls) == 0
+
+
+def test_device_progress_and_text_only_predict():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    assert resolve_device().type == expected
+    seen = []
+    seg = Segmenter(_model("pseudo"), device="cpu", progress=lambda d, t, m: seen.append((d, t, m)))
+    seg.set_image(np.random.default_rng(0).random((150, 100)))  # > 1.5x the 64 px input: tiled
+    assert len(seg.tiles) > 1 and seen[-1][:2] == (len(seg.tiles), len(seg.tiles))
+    mask, score = seg.predict(text="nucleus")
+    logits, iou = seg.predict_torch(text="nucleus")
+    assert mask.shape == (150, 100) and np.array_equal(mask, (logits[0] > 0).numpy())
+    seen.clear()
+    seg.segment_text("nucleus")
+    assert [s[0] for s in seen] == list(range(1, len(seg.tiles) + 1))
+
+
+def test_from_pretrained_loads_a_clipsam_file(tmp_path):
+    model = _model("pseudo")
+    path = model.save(tmp_path / "m.safetensors")
+    seg = Segmenter.from_pretrained(path, device="cpu")
+    seg.set_image(_image())
+    torch.testing.assert_close(seg.predict_torch(points=[[10, 20]])[0], _fresh_prediction(model, _image(), points=[[10, 20]]))
