@@ -1,0 +1,264 @@
+"""``napari-clipsam segment / finetune / embed / sample`` (issue 8, acceptance 1).
+
+The quality tests run the installed command as a subprocess on synthetic TIFFs with the bundled
+demo model (skipped only while its file is not built). Mechanics (outputs, overwrite rules,
+errors, caching, adapters) use a tiny random model saved to a file, so they run everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from napari_clipsam import cli
+from napari_clipsam.data.synthetic import make_image, make_volume
+from napari_clipsam.evaluation import instance_f1, interior_point, mask_iou
+from napari_clipsam.models.registry import model_status
+
+HELD_OUT = 2_000_000  # the demo was trained on seeds < 100_000
+needs_demo = pytest.mark.skipif(model_status("demo") == "not built", reason="demo model file not built")
+
+
+def _cli_argv() -> list[str]:
+    script = Path(sys.executable).with_name("napari-clipsam")
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("napari-clipsam")
+    return [found] if found else [sys.executable, "-m", "napari_clipsam.cli"]
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NAPARI_CLIPSAM_OFFLINE": "1"}
+    return subprocess.run([*_cli_argv(), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=600)
+
+
+def error_line(res: subprocess.CompletedProcess) -> str:
+    """The single stderr line of a failed run."""
+    assert res.returncode != 0, res.stdout
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("napari-clipsam: error: "), lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random ClipSam (64 px input) saved as a model file."""
+    from napari_clipsam.models.clipsam import ClipSam, tiny_config
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
+    ClipSam(tiny_config()).save(path)
+    return path
+
+
+def _write(path: Path, data: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, data)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- quality (demo)
+@needs_demo
+def test_segment_2d_folder_by_text_subprocess(tmp_path):
+    """A folder of 2D TIFFs → one uint16 label TIFF per input, same shape, nuclei found (instance F1)."""
+    truth = {}
+    for i in range(2):
+        s = make_image(HELD_OUT + i, counts={"nucleus": (4, 8)})
+        _write(tmp_path / "images" / f"cell{i}.tif", s.image)
+        truth[f"cell{i}"] = s.instance_labels("nucleus")
+    res = run_cli("segment", tmp_path / "images", "--text", "nucleus", "-o", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cell0_labels.tif", "cell1_labels.tif"]
+    f1s = []
+    for stem, gt in truth.items():
+        pred = tifffile.imread(tmp_path / "out" / f"{stem}_labels.tif")
+        assert pred.shape == gt.shape and pred.dtype == np.uint16
+        f1s.append(instance_f1(pred, gt))
+    assert np.mean(f1s) >= 0.7, f1s
+    assert res.stdout.count("->") == 2
+
+
+@needs_demo
+def test_segment_2d_clicks_give_one_object_subprocess(tmp_path):
+    s = make_image(HELD_OUT + 5, counts={"nucleus": (3, 6)})
+    gt = s.instance_labels("nucleus") == 1
+    x, y = interior_point(gt)
+    img = _write(tmp_path / "img.tif", s.image)
+    res = run_cli("segment", img, "--points", f"{x:.0f},{y:.0f}", "--text", "nucleus", "-o", tmp_path / "one.tif")
+    assert res.returncode == 0, res.stderr
+    pred = tifffile.imread(tmp_path / "one.tif")
+    assert pred.shape == gt.shape and pred.dtype == np.uint16
+    assert set(np.unique(pred)) <= {0, 1}
+    assert mask_iou(pred == 1, gt) >= 0.7
+
+
+@needs_demo
+def test_segment_3d_volume_by_text_subprocess(tmp_path):
+    s = make_volume(HELD_OUT + 7, (16, 128, 128), counts={"nucleus": (3, 5)})
+    gt = s.instance_labels("nucleus")
+    vol = _write(tmp_path / "stack.tif", s.image)
+    res = run_cli("segment", vol, "--3d", "--text", "nucleus", "-o", tmp_path / "stack_nuclei.tif")
+    assert res.returncode == 0, res.stderr
+    pred = tifffile.imread(tmp_path / "stack_nuclei.tif")
+    assert pred.shape == s.image.shape and pred.dtype == np.uint16
+    assert instance_f1(pred, gt) >= 0.5  # 3D matching: one id must cover the nucleus in every slice
+
+
+# ---------------------------------------------------------------------------------------------- errors
+@pytest.fixture
+def inputs(tmp_path) -> dict[str, Path]:
+    s = make_image(HELD_OUT + 20, size=64)
+    v = make_volume(HELD_OUT + 21, (4, 64, 64))
+    return {"img": _write(tmp_path / "img.tif", s.image), "vol": _write(tmp_path / "vol.tif", v.image),
+            "existing": _write(tmp_path / "done.tif", np.ones((64, 64), np.uint16)),
+            "junk": tmp_path / "junk.tif"}
+
+
+@pytest.mark.parametrize("case, args, expect", [
+    ("missing input", ["segment", "{tmp}/nope.tif", "--text", "nucleus"], "input not found"),
+    ("empty glob", ["segment", "{tmp}/*.tiff", "--text", "nucleus"], "matches no .tif"),
+    ("empty text", ["segment", "{img}", "--text", "  "], "--text is empty"),
+    ("no prompt", ["segment", "{img}"], "give --text"),
+    ("existing output", ["segment", "{img}", "--text", "nucleus", "-o", "{existing}"], "exists"),
+    ("3D without --3d", ["segment", "{vol}", "--text", "nucleus", "-o", "{tmp}/o.tif"], "add --3d"),
+    ("not a TIFF", ["segment", "{junk}", "--text", "nucleus", "-o", "{tmp}/o.tif"], "cannot read"),
+    ("bad points", ["segment", "{img}", "--points", "1;2", "-o", "{tmp}/o.tif"], "--points"),
+    ("3D clicks without z", ["segment", "{vol}", "--3d", "--points", "5,5", "-o", "{tmp}/o.tif"], "--z"),
+    ("missing model", ["segment", "{img}", "--text", "x", "--model", "{tmp}/m.safetensors"], "model file not found"),
+    ("missing adapter", ["segment", "{img}", "--text", "x", "--adapter", "{tmp}/a.safetensors"], "adapter file not found"),
+    ("adapter name", ["finetune", "--images", "{img}", "--labels", "{img}", "--text", "x", "-o", "{existing}"],
+     "end in .safetensors"),
+    ("unpaired labels", ["finetune", "--images", "{img}", "--labels", "{img}", "{vol}", "--text", "x", "-o",
+                         "{tmp}/a.safetensors"], "one label file per image"),
+])
+def test_errors_exit_nonzero_with_one_clear_line(inputs, tmp_path, case, args, expect):
+    inputs["junk"].write_text("not an image")
+    fmt = {k: str(v) for k, v in inputs.items()} | {"tmp": str(tmp_path)}
+    before = inputs["existing"].read_bytes()
+    res = run_cli(*[a.format(**fmt) for a in args])
+    assert expect in error_line(res), (case, res.stderr)
+    assert inputs["existing"].read_bytes() == before
+    assert not (tmp_path / "o.tif").exists()
+
+
+# ---------------------------------------------------------------------------------------------- mechanics (tiny model)
+def test_overwrite_rules_and_atomic_writes(tmp_path, tiny_model, capsys):
+    img = _write(tmp_path / "a.tif", make_image(HELD_OUT + 30, size=64).image)
+    out = _write(tmp_path / "a_labels.tif", np.full((64, 64), 7, np.uint16))
+    base = ["segment", str(img), "--text", "nucleus", "--model", str(tiny_model), "-q"]
+    assert cli.main(base) == 1
+    assert "exists" in capsys.readouterr().err
+    assert (tifffile.imread(out) == 7).all()
+    assert cli.main(base + ["--skip-existing"]) == 0
+    assert (tifffile.imread(out) == 7).all()
+    assert cli.main(base + ["--overwrite"]) == 0
+    lab = tifffile.imread(out)
+    assert lab.shape == (64, 64) and lab.dtype == np.uint16 and not (lab == 7).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "a_labels.tif"]  # no temp files left
+
+
+def test_manual_mode_2d_and_3d_write_one_object(tmp_path, tiny_model):
+    img = _write(tmp_path / "img.tif", make_image(HELD_OUT + 31, size=64).image)
+    vol = _write(tmp_path / "vol.tif", make_volume(HELD_OUT + 32, (3, 64, 64)).image)
+    model = ["--model", str(tiny_model), "-q"]
+    assert cli.main(["segment", str(img), "--points", "30,30", "--negative", "5,5", "-o", str(tmp_path / "m2.tif"),
+                     *model]) == 0
+    assert cli.main(["segment", str(vol), "--3d", "--z", "1", "--box", "20,20,44,44", "-o", str(tmp_path / "m3.tif"),
+                     *model]) == 0
+    m2, m3 = tifffile.imread(tmp_path / "m2.tif"), tifffile.imread(tmp_path / "m3.tif")
+    assert m2.shape == (64, 64) and m3.shape == (3, 64, 64)
+    for m in (m2, m3):
+        assert m.dtype == np.uint16 and set(np.unique(m)) <= {0, 1}
+
+
+def test_batch_outputs_names_and_clashes(tmp_path):
+    a, b = Path("x/a.tif"), Path("y/b.tif")
+    assert cli.plan_outputs([a], None) == [Path("x/a_labels.tif")]
+    assert cli.plan_outputs([a], "out.tif") == [Path("out.tif")]
+    assert cli.plan_outputs([a, b], str(tmp_path / "res")) == [tmp_path / "res/a_labels.tif", tmp_path / "res/b_labels.tif"]
+    with pytest.raises(cli.CliError, match="names one file"):
+        cli.plan_outputs([a, b], "out.tif")
+    with pytest.raises(cli.CliError, match="both be written"):
+        cli.plan_outputs([a, Path("z/a.tif")], str(tmp_path / "res"))
+    folder = tmp_path / "imgs"
+    for name in ("c.tif", "d.tiff", "c_labels.tif", "notes.txt"):
+        _write(folder / name, np.zeros((8, 8), np.uint8)) if name != "notes.txt" else (folder / name).write_text("x")
+    assert [p.name for p in cli.expand_inputs([str(folder)])] == ["c.tif", "d.tiff"]
+    assert [p.name for p in cli.expand_inputs([str(folder / "*.tif*"), str(folder / "c.tif")])] == ["c.tif", "d.tiff"]
+
+
+def test_labels_dtype_uint16_until_ids_overflow(tmp_path):
+    small = np.array([[0, 65535]], np.uint32)
+    big = np.array([[0, 65536]], np.uint32)
+    assert cli.labels_dtype(small) == np.uint16 and cli.labels_dtype(big) == np.uint32
+    cli.write_tiff(tmp_path / "big.tif", big.astype(cli.labels_dtype(big)))
+    assert tifffile.imread(tmp_path / "big.tif").dtype == np.uint32
+    with pytest.raises(cli.CliError, match="exists"):
+        cli.write_tiff(tmp_path / "big.tif", small)
+    assert tifffile.imread(tmp_path / "big.tif").max() == 65536
+
+
+def test_embed_then_segment_reuses_the_cache(tmp_path, tiny_model, capsys):
+    img = _write(tmp_path / "in" / "a.tif", make_image(HELD_OUT + 33, size=64).image)
+    cache = tmp_path / "cache"
+    model = ["--model", str(tiny_model), "-q"]
+    assert cli.main(["embed", str(img), "--cache", str(cache), "--text", "nucleus", *model]) == 0
+    files = sorted(cache.rglob("*.pt"))
+    assert len(files) >= 2  # image features + the text-conditioned embedding
+    assert cli.main(["segment", str(img), "--text", "nucleus", "--cache", str(cache), "-o", str(tmp_path / "c.tif"),
+                     *model]) == 0
+    assert sorted(cache.rglob("*.pt")) == files  # nothing recomputed
+    assert cli.main(["segment", str(img), "--text", "nucleus", "-o", str(tmp_path / "n.tif"), *model]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "c.tif"), tifffile.imread(tmp_path / "n.tif"))
+
+
+def test_finetune_writes_an_adapter_that_segment_accepts(tmp_path, tiny_model, capsys):
+    """Subprocess: a 3-step fine-tune prints validation metrics and writes an adapter; segment
+    --adapter uses it; an adapter for another base gives one clear line."""
+    args = []
+    for i in range(2):
+        s = make_image(HELD_OUT + 40 + i, size=64, counts={"nucleus": (1, 3)})
+        args += [_write(tmp_path / f"img{i}.tif", s.image), _write(tmp_path / f"lab{i}.tif", s.instance_labels("nucleus"))]
+    adapter = tmp_path / "nuclei.safetensors"
+    res = run_cli("finetune", "--images", args[0], args[2], "--labels", args[1], args[3], "--text", "nucleus",
+                  "--steps", "3", "--model", tiny_model, "-o", adapter)
+    assert res.returncode == 0, res.stderr
+    assert "validation" in res.stdout and "val_iou" in res.stdout and adapter.is_file()
+    out = tmp_path / "seg.tif"
+    assert cli.main(["segment", str(args[0]), "--text", "nucleus", "--model", str(tiny_model), "--adapter",
+                     str(adapter), "-o", str(out), "-q"]) == 0
+    assert tifffile.imread(out).shape == (64, 64)
+
+    from napari_clipsam.models.clipsam import ClipSam, tiny_config
+
+    torch.manual_seed(1)
+    other = ClipSam(tiny_config()).save(tmp_path / "other.safetensors")
+    capsys.readouterr()
+    assert cli.main(["segment", str(args[0]), "--text", "nucleus", "--model", str(other), "--adapter", str(adapter),
+                     "-o", str(tmp_path / "x.tif")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was trained on" in err, err
+    assert not (tmp_path / "x.tif").exists()
+
+
+def test_sample_and_help(tmp_path, capsys):
+    assert cli.main(["sample", "-o", str(tmp_path / "s.tif"), "--labels", str(tmp_path / "gt.tif"),
+                     "--concept", "nucleus"]) == 0
+    img, gt = tifffile.imread(tmp_path / "s.tif"), tifffile.imread(tmp_path / "gt.tif")
+    assert img.shape == gt.shape == (256, 256) and img.dtype == np.uint16 and gt.max() >= 3
+    assert cli.main(["sample", "-o", str(tmp_path / "s.tif")]) == 1  # never overwritten
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for name in ("segment", "finetune", "embed", "sample", "models"):
+        assert name in out
