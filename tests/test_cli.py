@@ -23,7 +23,7 @@ from napari_clipsam.data.synthetic import make_image, make_volume
 from napari_clipsam.evaluation import instance_f1, interior_point, mask_iou
 from napari_clipsam.models.registry import model_status
 
-HELD_OUT = 2_000_000  # the demo was trained on seeds < 100_000
+HELD_OUT = 4_000_000  # the demo was trained on seeds < 100_000
 needs_demo = pytest.mark.skipif(model_status("demo") == "not built", reason="demo model file not built")
 
 
