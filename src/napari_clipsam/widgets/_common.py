@@ -1,0 +1,298 @@
+"""What the two panels share: one :class:`Session` per viewer (the model, a job queue), layer helpers.
+
+The Segment and Fine-tune panels of one viewer use the same :class:`~napari_clipsam.engine.segmenter.Segmenter`
+(so a fine-tuned adapter is used for segmentation at once) and the same :class:`Jobs` queue: every
+piece of work on the model (embedding, decoding, segment-all, training) runs in a napari
+``thread_worker``, one at a time, so the UI never blocks and the model is never used by two
+threads. Progress goes to napari's activity dock; errors become napari notifications carrying the
+engine's message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import QComboBox
+
+if TYPE_CHECKING:
+    import napari
+
+    from ..engine.segmenter import Segmenter
+
+log = logging.getLogger(__name__)
+
+#: ``report(done, total, message)``: what a job function gets to report progress (any thread).
+Report = Callable[[int, int, str], None]
+
+
+def show_error(message: str) -> None:
+    """A napari error notification (no traceback dialog)."""
+    from napari.utils.notifications import show_error as _show
+
+    _show(message)
+
+
+def show_info(message: str) -> None:
+    from napari.utils.notifications import show_info as _show
+
+    _show(message)
+
+
+@dataclass
+class _Job:
+    name: str
+    fn: Callable[[Report], Any]
+    on_done: Callable[[Any], None] | None
+    on_error: Callable[[BaseException], None] | None
+    desc: str | None
+
+
+class Jobs(QObject):
+    """A queue of functions run one at a time in napari thread workers.
+
+    ``submit(name, fn, on_done)``: ``fn(report)`` runs in a worker thread; ``on_done(result)`` in
+    the main thread. With ``coalesce`` a job still waiting under the same name is replaced (the
+    latest prompt wins). ``desc`` shows a napari progress bar fed by ``report``. Errors are shown
+    as notifications ``"<desc or name>: <message>"`` (and passed to ``on_error``).
+    """
+
+    progressed = Signal(int, int, str)
+    idle = Signal()
+    started = Signal(str)
+
+    def __init__(self, parent: QObject | None = None):
+        super().__init__(parent)
+        self._pending: deque[_Job] = deque()
+        self._current: _Job | None = None
+        self._worker = None
+        self._pbar = None
+        self.progressed.connect(self._on_progress)
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None or bool(self._pending)
+
+    @property
+    def running(self) -> str | None:
+        """Name of the running job, or None."""
+        return None if self._current is None else self._current.name
+
+    def submit(self, name: str, fn: Callable[[Report], Any], on_done: Callable[[Any], None] | None = None,
+               on_error: Callable[[BaseException], None] | None = None, desc: str | None = None,
+               coalesce: bool = False) -> None:
+        job = _Job(name, fn, on_done, on_error, desc)
+        if coalesce:
+            self._pending = deque(j for j in self._pending if j.name != name)
+        self._pending.append(job)
+        self._next()
+
+    def _next(self) -> None:
+        if self._current is not None or not self._pending:
+            return
+        from napari.qt.threading import create_worker
+
+        job = self._current = self._pending.popleft()
+        if job.desc:
+            from napari.utils import progress
+
+            self._pbar = progress(total=0, desc=job.desc)
+        worker = create_worker(job.fn, self.progressed.emit, _ignore_errors=True)
+        worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_errored)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self.started.emit(job.name)
+        worker.start()
+
+    def _on_progress(self, done: int, total: int, message: str) -> None:
+        pbar, job = self._pbar, self._current
+        if pbar is None or job is None:
+            return
+        if pbar.total != total:
+            pbar.total = total
+        desc = f"{job.desc}: {message}" if message else job.desc
+        if desc != pbar.desc:
+            pbar.set_description(desc)
+        pbar.update(done - pbar.n)
+
+    def _on_returned(self, result: Any) -> None:
+        job = self._current
+        if job is not None and job.on_done is not None:
+            try:
+                job.on_done(result)
+            except Exception as err:  # a widget bug must not kill the queue
+                log.exception("job %s: result handler failed", job.name)
+                show_error(f"{job.desc or job.name}: {err}")
+
+    def _on_errored(self, err: BaseException) -> None:
+        job = self._current
+        log.info("job %s failed: %s", job.name if job else "?", err, exc_info=err)
+        show_error(f"{(job.desc or job.name) if job else 'napari-clipsam'}: {err}")
+        if job is not None and job.on_error is not None:
+            job.on_error(err)
+
+    def _on_finished(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self._current = None
+        self._worker = None
+        if self._pending:
+            self._next()
+        else:
+            self.idle.emit()
+
+
+class Session(QObject):
+    """Per-viewer state shared by the panels: the segmenter (model) and the job queue.
+
+    ``model_changed`` fires when a new model is set or its weights change (adapter trained,
+    loaded or removed); panels re-embed and refresh what they show.
+    """
+
+    model_changed = Signal()
+
+    def __init__(self):
+        super().__init__()
+        self.jobs = Jobs(self)
+        self.segmenter: Segmenter | None = None
+        self.model_source: str = ""
+
+    def set_segmenter(self, segmenter: Segmenter | None, source: str = "") -> None:
+        self.segmenter = segmenter
+        self.model_source = source
+        self.model_changed.emit()
+
+    def weights_changed(self) -> None:
+        """Declare that the model's weights changed (fine-tuning, adapter): embeddings are redone."""
+        if self.segmenter is not None:
+            self.segmenter.model_changed()
+            self.segmenter.reset_image()
+        self.model_changed.emit()
+
+    def require_segmenter(self) -> Segmenter:
+        if self.segmenter is None:
+            raise RuntimeError("no model loaded: choose a model in the Segment panel and press 'Load model'")
+        return self.segmenter
+
+    def adapter_info(self) -> dict | None:
+        """The applied adapter's description (``model.clipsam_adapter``) or None."""
+        from ..training.finetune import ADAPTER_ATTR
+
+        return None if self.segmenter is None else getattr(self.segmenter.model, ADAPTER_ATTR, None)
+
+
+_SESSIONS: dict[int, tuple[weakref.ref, Session]] = {}
+_LOCK = threading.Lock()
+
+
+def session_for(viewer: napari.Viewer) -> Session:
+    """The :class:`Session` of ``viewer`` (created on first use, forgotten with the viewer)."""
+    with _LOCK:
+        for key, (ref, _) in list(_SESSIONS.items()):
+            if ref() is None:
+                del _SESSIONS[key]
+        entry = _SESSIONS.get(id(viewer))
+        if entry is not None and entry[0]() is viewer:
+            return entry[1]
+        session = Session()
+        _SESSIONS[id(viewer)] = (weakref.ref(viewer), session)
+        return session
+
+
+# ---------------------------------------------------------------------------------------------- layers
+class LayerCombo(QComboBox):
+    """A combo box of the viewer's layers of one type (kept in sync with the layer list).
+
+    ``extra``: entries listed first (e.g. ``"new layer"``) whose ``value()`` is None.
+    """
+
+    def __init__(self, viewer: napari.Viewer, layer_type: str, extra: tuple[str, ...] = (),
+                 exclude: Callable[[Any], bool] | None = None):
+        super().__init__()
+        self.viewer = viewer
+        self.layer_type = layer_type
+        self.extra = extra
+        self.exclude = exclude
+        for ev in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.reordered):
+            ev.connect(self.refresh)
+        self.refresh()
+
+    def _layers(self) -> list:
+        import napari.layers
+
+        cls = getattr(napari.layers, self.layer_type)
+        return [lay for lay in self.viewer.layers
+                if isinstance(lay, cls) and not (self.exclude is not None and self.exclude(lay))]
+
+    def refresh(self, event=None) -> None:
+        current = self.currentText()
+        self.blockSignals(True)
+        self.clear()
+        self.addItems(list(self.extra) + [lay.name for lay in self._layers()])
+        i = self.findText(current)
+        self.blockSignals(False)
+        if i >= 0:
+            self.setCurrentIndex(i)
+        elif self.count():
+            self.setCurrentIndex(0)
+            self.currentIndexChanged.emit(0)
+
+    def value(self):
+        """The selected layer, or None (an ``extra`` entry or nothing)."""
+        name = self.currentText()
+        if name in self.extra or not name:
+            return None
+        return next((lay for lay in self._layers() if lay.name == name), None)
+
+    def set_value(self, layer) -> None:
+        self.refresh()
+        i = self.findText(layer.name if layer is not None else self.extra[0])
+        if i >= 0:
+            self.setCurrentIndex(i)
+
+
+def image_kind(layer, channel_axis: int | None) -> str:
+    """``"2d"``, ``"volume"`` for what the engine sees in an Image layer; ValueError otherwise."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    nd = data.ndim - (1 if layer.rgb else 0) - (1 if channel_axis is not None else 0)
+    if layer.rgb and channel_axis is not None:
+        raise ValueError(f"layer {layer.name!r} is RGB: leave the channel axis at 'none'")
+    if channel_axis is not None and not -data.ndim <= channel_axis < data.ndim:
+        raise ValueError(f"channel axis {channel_axis} does not exist in layer {layer.name!r} of shape {data.shape}")
+    if nd == 2:
+        return "2d"
+    if nd == 3:
+        return "volume"
+    raise ValueError(f"layer {layer.name!r} has shape {data.shape}: expected a 2D image, RGB, or a (Z, Y, X) "
+                     "volume (set the channel axis for multichannel data)")
+
+
+def layer_array(layer) -> np.ndarray:
+    """Full-resolution data of a layer as NumPy."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    return np.asarray(data)
+
+
+def current_z(viewer: napari.Viewer, layer, axis: int = 0) -> int:
+    """Index of the slice along ``layer``'s data axis ``axis`` (its z) shown in the viewer."""
+    coords = layer.world_to_data(viewer.dims.point[-layer.ndim:])
+    n = layer_array(layer).shape[axis]
+    return int(np.clip(np.round(coords[axis]), 0, n - 1))
+
+
+def spatial_shape(layer, channel_axis: int | None) -> tuple[int, ...]:
+    """Shape without the RGB/channel axis."""
+    shape = list(layer_array(layer).shape)
+    if layer.rgb:
+        shape = shape[:-1]
+    elif channel_axis is not None:
+        del shape[channel_axis]
+    return tuple(shape)

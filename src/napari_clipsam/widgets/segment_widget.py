@@ -1,0 +1,726 @@
+"""The "Segment (text + clicks)" panel: a model, an image layer, a text, and clicks/boxes → labels.
+
+Prompt convention: the panel creates a Points layer ("clipsam points") and a Shapes layer
+("clipsam boxes") on demand. Clicking in the Points layer adds a *positive* point (green); with
+"negative clicks" on (key ``Shift-N``) new points are *negative* (red). Draw a rectangle in the
+Shapes layer for a box (the last box of the slice is used). Every change of the prompts updates
+the preview mask ("clipsam preview") with the decoder only; the image embedding is computed once
+per image / slice in a worker (napari progress bar; cached).
+
+Keys (viewer-wide): ``Shift-C`` commit, ``Shift-X`` clear prompts, ``Shift-N`` toggle
+positive/negative clicks, ``Shift-A`` segment all, ``Shift-P`` propagate through z.
+
+All work on the model runs in the viewer's :class:`~._common.Session` job queue (thread workers);
+behaviour lives in :mod:`napari_clipsam.engine`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
+                            QMessageBox, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+
+from ._common import (LayerCombo, Report, current_z, image_kind, layer_array, session_for, show_error, show_info,
+                      spatial_shape)
+
+if TYPE_CHECKING:
+    import napari
+
+    from ..engine.segmenter import Segmenter
+
+log = logging.getLogger(__name__)
+
+POINTS_NAME = "clipsam points"
+BOXES_NAME = "clipsam boxes"
+PREVIEW_NAME = "clipsam preview"
+LOCAL_FILE = "local file…"
+NEW_LAYER = "new labels layer"
+POSITIVE, NEGATIVE = "lime", "red"
+KEYS = {"commit": "Shift-C", "clear": "Shift-X", "toggle": "Shift-N", "segment_all": "Shift-A",
+        "propagate": "Shift-P"}
+MAX_RECENT = 10
+
+
+@dataclass(frozen=True)
+class Source:
+    """What the engine segments: an image layer, 2D or one slice ``z`` of a volume."""
+
+    layer: Any
+    kind: str  # "2d" | "volume"
+    z: int | None
+    channel_axis: int | None
+    channels: tuple[int, ...] | None
+
+    @property
+    def key(self) -> tuple:
+        return (id(self.layer), id(self.layer.data), self.z, self.channel_axis, self.channels)
+
+
+def _clip_models() -> list[str]:
+    from ..models.registry import list_models
+
+    return [e.name for e in list_models("clipsam")]
+
+
+def _devices() -> list[str]:
+    import torch
+
+    out = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out
+
+
+class SegmentWidget(QWidget):
+    """Segment by text and clicks/boxes, in 2D or slice-wise in 3D (see the module docstring)."""
+
+    def __init__(self, napari_viewer: napari.Viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = session_for(napari_viewer)
+        self.jobs = self.session.jobs
+        self._embedded: tuple | None = None  # Source.key the segmenter holds
+        self._volumes: dict[tuple, Any] = {}  # NormalizedVolume per (layer, channels)
+        self.preview: np.ndarray | None = None  # bool, spatial shape of the image (2D, or 3D with the object)
+        self.preview_score: float | None = None
+        self.propagated = False  # the preview is a 3D object from 'Propagate through z'
+        self.negative = False
+        self._build()
+        self._bind_keys()
+        self.session.model_changed.connect(self._on_model_changed)
+        self.viewer.dims.events.current_step.connect(self._on_step)
+        self._on_model_changed()
+
+    # ------------------------------------------------------------------------------------------- UI
+    def _build(self) -> None:
+        lay = QVBoxLayout(self)
+        box = QGroupBox("Model")
+        form = QFormLayout(box)
+        self.model_combo = QComboBox()
+        self.model_combo.addItems(_clip_models() + [LOCAL_FILE])
+        self.model_combo.currentTextChanged.connect(self._refresh_model_status)
+        self.model_status = QLabel()
+        row = QHBoxLayout()
+        row.addWidget(self.model_combo, 1)
+        row.addWidget(self.model_status)
+        form.addRow("model", row)
+        self.path_edit = QLineEdit()
+        self.path_edit.setPlaceholderText("ClipSam .safetensors file")
+        browse = QPushButton("…")
+        browse.clicked.connect(lambda: self._browse(self.path_edit, "ClipSam model (*.safetensors)"))
+        row = QHBoxLayout()
+        row.addWidget(self.path_edit, 1)
+        row.addWidget(browse)
+        form.addRow("file", row)
+        self.adapter_edit = QLineEdit()
+        self.adapter_edit.setPlaceholderText("optional adapter .safetensors")
+        browse = QPushButton("…")
+        browse.clicked.connect(lambda: self._browse(self.adapter_edit, "adapter (*.safetensors)"))
+        row = QHBoxLayout()
+        row.addWidget(self.adapter_edit, 1)
+        row.addWidget(browse)
+        form.addRow("adapter", row)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(_devices())
+        form.addRow("device", self.device_combo)
+        row = QHBoxLayout()
+        self.download_btn = QPushButton("Download")
+        self.download_btn.clicked.connect(self.download_model)
+        self.load_btn = QPushButton("Load model")
+        self.load_btn.clicked.connect(self.load_model)
+        row.addWidget(self.download_btn)
+        row.addWidget(self.load_btn)
+        form.addRow(row)
+        self.model_info = QLabel("no model loaded")
+        self.model_info.setWordWrap(True)
+        form.addRow(self.model_info)
+        lay.addWidget(box)
+
+        box = QGroupBox("Image and prompts")
+        form = QFormLayout(box)
+        self.image_combo = LayerCombo(self.viewer, "Image")
+        self.image_combo.currentIndexChanged.connect(self._on_image_changed)
+        form.addRow("image", self.image_combo)
+        self.channel_spin = QSpinBox()
+        self.channel_spin.setRange(-1, 4)
+        self.channel_spin.setValue(-1)
+        self.channel_spin.setSpecialValueText("none")
+        self.channel_spin.setToolTip("axis of the channels of a multichannel layer (none for grayscale / RGB)")
+        self.channels_edit = QLineEdit()
+        self.channels_edit.setPlaceholderText("all (or e.g. 0,2)")
+        self.channels_edit.setToolTip("channels to use (at most 3); empty: all channels merged")
+        row = QHBoxLayout()
+        row.addWidget(self.channel_spin)
+        row.addWidget(self.channels_edit, 1)
+        form.addRow("channel axis", row)
+        self.channel_spin.valueChanged.connect(self._on_image_changed)
+        self.channels_edit.editingFinished.connect(self._on_image_changed)
+        self.text_combo = QComboBox()
+        self.text_combo.setEditable(True)
+        self.text_combo.setToolTip("a concept such as 'nucleus' (recent texts in the list)")
+        self.text_combo.lineEdit().setPlaceholderText("text, e.g. nucleus")
+        self.text_combo.lineEdit().returnPressed.connect(self._on_text_entered)
+        self.text_combo.activated.connect(lambda _: self._on_text_entered())
+        form.addRow("text", self.text_combo)
+        self.mode_combo = QComboBox()
+        self.mode_combo.addItems(["manual", "text-only"])
+        self.mode_combo.setToolTip("manual: text + clicks/boxes; text-only: the text alone")
+        self.mode_combo.currentTextChanged.connect(lambda _: self.update_preview())
+        form.addRow("mode", self.mode_combo)
+        self.negative_check = QCheckBox(f"negative clicks ({KEYS['toggle']})")
+        self.negative_check.setToolTip("new points are negative (red) instead of positive (green); "
+                                       f"{KEYS['toggle']} toggles")
+        self.negative_check.toggled.connect(self._set_negative)
+        self.prompts_btn = QPushButton("Prompt layers")
+        self.prompts_btn.setToolTip("add the Points (clicks) and Shapes (boxes) layers")
+        self.prompts_btn.clicked.connect(self.ensure_prompt_layers)
+        row = QHBoxLayout()
+        row.addWidget(self.negative_check)
+        row.addWidget(self.prompts_btn)
+        form.addRow(row)
+        lay.addWidget(box)
+
+        box = QGroupBox("Results")
+        form = QFormLayout(box)
+        self.target_combo = LayerCombo(self.viewer, "Labels", extra=(NEW_LAYER,),
+                                       exclude=lambda lay: lay.name == PREVIEW_NAME)
+        self.target_combo.setToolTip("Labels layer that Commit and Segment all write into")
+        form.addRow("target", self.target_combo)
+        grid = QHBoxLayout()
+        self.commit_btn = QPushButton("Commit")
+        self.commit_btn.setToolTip(f"write the preview into the target as a new id ({KEYS['commit']}); undo with "
+                                   "the Labels layer's undo (Ctrl-Z)")
+        self.commit_btn.clicked.connect(self.commit)
+        self.clear_btn = QPushButton("Clear")
+        self.clear_btn.setToolTip(f"remove the prompts and the preview ({KEYS['clear']})")
+        self.clear_btn.clicked.connect(self.clear)
+        grid.addWidget(self.commit_btn)
+        grid.addWidget(self.clear_btn)
+        form.addRow(grid)
+        grid = QHBoxLayout()
+        self.segment_all_btn = QPushButton("Segment all")
+        self.segment_all_btn.setToolTip(f"all instances of the text (whole image or volume) ({KEYS['segment_all']})")
+        self.segment_all_btn.clicked.connect(self.segment_all)
+        self.propagate_btn = QPushButton("Propagate through z")
+        self.propagate_btn.setToolTip(f"follow the prompted object up and down the volume ({KEYS['propagate']})")
+        self.propagate_btn.clicked.connect(self.propagate)
+        grid.addWidget(self.segment_all_btn)
+        grid.addWidget(self.propagate_btn)
+        form.addRow(grid)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        form.addRow(self.status)
+        lay.addWidget(box)
+        lay.addStretch(1)
+        self.setToolTip(" · ".join(f"{k.replace('_', ' ')}: {v}" for k, v in KEYS.items()))
+        self._refresh_model_status()
+
+    def _bind_keys(self) -> None:
+        actions = {"commit": self.commit, "clear": self.clear, "toggle": self.toggle_negative,
+                   "segment_all": self.segment_all, "propagate": self.propagate}
+        for name, key in KEYS.items():
+            func = actions[name]
+            self.viewer.bind_key(key, lambda viewer, f=func: f(), overwrite=True)
+
+    def _browse(self, edit: QLineEdit, filt: str) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a file", "", filt)
+        if path:
+            edit.setText(path)
+
+    # ------------------------------------------------------------------------------------------- model
+    def _refresh_model_status(self, *_) -> None:
+        name = self.model_combo.currentText()
+        if name == LOCAL_FILE:
+            self.model_status.setText("")
+            self.download_btn.setEnabled(False)
+            return
+        from ..models.registry import model_status
+
+        status = model_status(name)
+        self.model_status.setText(status)
+        self.download_btn.setEnabled(status == "not cached")
+
+    def model_source(self) -> str:
+        name = self.model_combo.currentText()
+        if name == LOCAL_FILE:
+            path = self.path_edit.text().strip()
+            if not path:
+                raise ValueError("choose a ClipSam .safetensors file (or a registered model)")
+            return path
+        return name
+
+    def download_model(self) -> None:
+        name = self.model_combo.currentText()
+        if name == LOCAL_FILE:
+            return
+        from ..models.registry import download
+
+        def job(report: Report):
+            return download(name, progress=lambda done, total: report(done, total, "download"))
+
+        self.jobs.submit("download", job, lambda _: self._refresh_model_status(), desc=f"downloading {name}")
+
+    def load_model(self) -> None:
+        """Load the chosen model (+ adapter) in a worker and share it with the Fine-tune panel."""
+        try:
+            source = self.model_source()
+        except ValueError as err:
+            show_error(str(err))
+            return
+        adapter = self.adapter_edit.text().strip() or None
+        device = self.device_combo.currentText()
+        device = None if device == "auto" else device
+
+        def job(report: Report):
+            from ..engine.segmenter import Segmenter
+            from ..training.adapter_file import load_adapter
+
+            report(0, 0, "loading")
+            seg = Segmenter.from_pretrained(source, device=device)
+            if adapter:
+                load_adapter(adapter, seg.model)
+                seg.model_changed()
+            return seg
+
+        self.jobs.submit("load", job, lambda seg: self.session.set_segmenter(seg, source),
+                         desc=f"loading {source}")
+
+    def _on_model_changed(self) -> None:
+        self._embedded = None
+        self.preview = None
+        seg = self.session.segmenter
+        if seg is None:
+            self.model_info.setText("no model loaded")
+        else:
+            info = self.session.adapter_info()
+            text = (f"{self.session.model_source or 'model'} · strategy {seg.model.config.strategy} · "
+                    f"{seg.model.img_size}px · {seg.device}")
+            if info:
+                src = info.get("source", "fine-tuned in this session")
+                text += f"\nadapter: {src} (texts: {', '.join(info.get('texts', [])) or '-'})"
+            self.model_info.setText(text)
+            self.prefetch()
+        self._refresh_model_status()
+        self._show_preview()
+        self.update_preview()
+
+    # ------------------------------------------------------------------------------------------- image
+    def _channels(self) -> tuple[int | None, tuple[int, ...] | None]:
+        axis = self.channel_spin.value()
+        axis = None if axis < 0 else axis
+        text = self.channels_edit.text().strip()
+        if not text:
+            return axis, None
+        try:
+            chans = tuple(int(c) for c in text.replace(" ", "").split(",") if c)
+        except ValueError:
+            raise ValueError(f"channels {text!r}: give channel numbers separated by commas, e.g. 0,2") from None
+        return axis, chans
+
+    def source(self) -> Source | None:
+        """The image the engine works on now (None without an image layer). ValueError for bad layers."""
+        layer = self.image_combo.value()
+        if layer is None:
+            return None
+        axis, chans = self._channels()
+        kind = image_kind(layer, axis)
+        z = None
+        if kind == "volume":
+            z = current_z(self.viewer, layer, self._z_axis(layer, axis))
+        return Source(layer, kind, z, axis, chans)
+
+    @staticmethod
+    def _z_axis(layer, axis: int | None) -> int:
+        return 1 if axis is not None and axis % layer_array(layer).ndim == 0 else 0
+
+    def _volume(self, src: Source):
+        from ..engine.volume import NormalizedVolume
+
+        key = (id(src.layer), id(src.layer.data), src.channel_axis, src.channels)
+        vol = self._volumes.get(key)
+        if vol is None:
+            data = layer_array(src.layer)
+            axis = src.channel_axis
+            if axis is not None and axis % data.ndim == 0:  # (C, Z, Y, X): channel first
+                data, axis = np.moveaxis(data, 0, -1), -1
+            vol = NormalizedVolume(data, axis, src.channels)
+            self._volumes = {key: vol}
+        return vol
+
+    def _ensure_image(self, seg: Segmenter, src: Source, report: Report | None = None) -> None:
+        """Runs in a worker: give the segmenter the source's image (embedding cached)."""
+        if self._embedded == src.key and seg.image_shape is not None:
+            return
+        if src.kind == "volume":
+            seg.set_normalized(self._volume(src)[src.z], progress=report)
+        else:
+            data = layer_array(src.layer)
+            seg.set_image(data, channel_axis=src.channel_axis, channels=src.channels, progress=report)
+        self._embedded = src.key
+
+    def _on_image_changed(self, *_) -> None:
+        self.preview = None
+        self._show_preview()
+        self.prefetch()
+
+    def _on_step(self, event=None) -> None:
+        try:
+            src = self.source()
+        except ValueError:
+            return
+        if src is not None and src.kind == "volume" and src.key != self._embedded:
+            if self.preview is not None and not self.propagated:
+                self.preview = None
+                self._show_preview()
+            self.prefetch()
+            self.update_preview()
+
+    def prefetch(self) -> None:
+        """Compute the embedding of the current image / slice in the background."""
+        seg = self.session.segmenter
+        try:
+            src = self.source()
+        except ValueError as err:
+            show_error(str(err))
+            return
+        if seg is None or src is None or src.key == self._embedded:
+            return
+        self.jobs.submit("embed", lambda report: self._ensure_image(seg, src, report), desc="embedding",
+                         coalesce=True)
+
+    # ------------------------------------------------------------------------------------------- prompts
+    def _layer(self, name: str):
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def _spatial_transform(self, layer, axis: int | None) -> dict:
+        scale, translate = list(layer.scale), list(layer.translate)
+        if axis is not None:
+            del scale[axis]
+            del translate[axis]
+        return {"scale": scale, "translate": translate}
+
+    def ensure_prompt_layers(self) -> tuple[Any, Any] | None:
+        """Create the Points and Shapes prompt layers for the current image (if missing)."""
+        layer = self.image_combo.value()
+        if layer is None:
+            show_error("add an image layer first")
+            return None
+        axis, _ = self._channels()
+        shape = spatial_shape(layer, axis)
+        tf = self._spatial_transform(layer, axis)
+        points, boxes = self._layer(POINTS_NAME), self._layer(BOXES_NAME)
+        if boxes is None or boxes.ndim != len(shape):
+            if boxes is not None:
+                self.viewer.layers.remove(boxes)
+            boxes = self.viewer.add_shapes(ndim=len(shape), name=BOXES_NAME, edge_color="yellow", face_color="transparent",
+                                           edge_width=max(1.0, shape[-1] / 256), **tf)
+            boxes.events.data.connect(self._on_prompts_changed)
+            boxes.mode = "add_rectangle"
+        if points is None or points.ndim != len(shape):
+            if points is not None:
+                self.viewer.layers.remove(points)
+            points = self.viewer.add_points(ndim=len(shape), name=POINTS_NAME, size=max(4.0, shape[-1] / 64),
+                                            features={"positive": np.zeros(0, bool)}, face_color=POSITIVE, **tf)
+            points.feature_defaults = {"positive": not self.negative}
+            points.events.data.connect(self._on_prompts_changed)
+            points.mode = "add"
+            self.viewer.layers.selection.active = points
+        return points, boxes
+
+    def toggle_negative(self) -> None:
+        self.negative_check.setChecked(not self.negative_check.isChecked())
+
+    def _set_negative(self, on: bool) -> None:
+        self.negative = bool(on)
+        points = self._layer(POINTS_NAME)
+        if points is not None:
+            points.feature_defaults = {"positive": not self.negative}
+
+    def _recolor(self, points) -> None:
+        pos = np.asarray(points.features["positive"], bool) if len(points.data) else np.zeros(0, bool)
+        if len(pos):
+            colors = np.where(pos[:, None], np.array([[0.0, 1.0, 0.0, 1.0]]), np.array([[1.0, 0.0, 0.0, 1.0]]))
+            points.face_color = colors
+
+    def _on_prompts_changed(self, event=None) -> None:
+        action = str(getattr(event, "action", "")).lower()
+        if action.endswith("ing"):  # adding/removing/changing: wait for the final event
+            return
+        points = self._layer(POINTS_NAME)
+        if points is not None and event is not None and event.source is points:
+            self._recolor(points)
+        self.update_preview()
+
+    def prompts(self, src: Source) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """(points (N, 2) as (x, y), labels (N,), box (x0, y0, x1, y1)) on the current image/slice."""
+        pts = labels = box = None
+        points = self._layer(POINTS_NAME)
+        if points is not None and len(points.data):
+            data = np.asarray(points.data, np.float64)
+            pos = np.asarray(points.features["positive"], bool)
+            keep = np.ones(len(data), bool)
+            if src.kind == "volume":
+                keep = np.round(data[:, 0]) == src.z
+            if keep.any():
+                pts = data[keep][:, -2:][:, ::-1].astype(np.float32)  # (row, col) → (x, y)
+                labels = pos[keep].astype(np.int64)
+                h, w = spatial_shape(src.layer, src.channel_axis)[-2:]
+                pts = np.clip(pts, 0, [w - 1, h - 1]).astype(np.float32)
+        boxes = self._layer(BOXES_NAME)
+        if boxes is not None and len(boxes.data):
+            for verts, kind in zip(boxes.data[::-1], boxes.shape_type[::-1]):
+                verts = np.asarray(verts, np.float64)
+                if src.kind == "volume" and not (np.round(verts[:, 0]) == src.z).all():
+                    continue
+                y0, x0 = verts[:, -2:].min(0)
+                y1, x1 = verts[:, -2:].max(0)
+                if x1 > x0 and y1 > y0:
+                    box = np.array([x0, y0, x1, y1], np.float32)
+                    break
+        return pts, labels, box
+
+    def text(self) -> str | None:
+        t = self.text_combo.currentText().strip()
+        return t or None
+
+    def _remember_text(self, text: str | None) -> None:
+        if not text:
+            return
+        i = self.text_combo.findText(text)
+        self.text_combo.blockSignals(True)
+        if i >= 0:
+            self.text_combo.removeItem(i)
+        self.text_combo.insertItem(0, text)
+        while self.text_combo.count() > MAX_RECENT:
+            self.text_combo.removeItem(self.text_combo.count() - 1)
+        self.text_combo.setCurrentIndex(0)
+        self.text_combo.blockSignals(False)
+
+    def _on_text_entered(self) -> None:
+        self._remember_text(self.text())
+        self.update_preview()
+
+    # ------------------------------------------------------------------------------------------- preview
+    def update_preview(self) -> None:
+        """Recompute the preview mask from the prompts (decoder only once the image is embedded)."""
+        seg = self.session.segmenter
+        try:
+            src = self.source()
+        except ValueError as err:
+            show_error(str(err))
+            return
+        if seg is None or src is None:
+            return
+        text = self.text()
+        if self.mode_combo.currentText() == "text-only":
+            pts = labels = box = None
+            if text is None:
+                return
+        else:
+            pts, labels, box = self.prompts(src)
+            if pts is None and box is None:
+                if self.preview is not None and not self.propagated:
+                    self.preview = None
+                    self._show_preview()
+                return
+
+        def job(report: Report):
+            self._ensure_image(seg, src, report)
+            return seg.predict(points=pts, labels=labels, box=box, text=text)
+
+        self.jobs.submit("predict", job, lambda res: self._set_preview(src, *res), coalesce=True)
+
+    def _set_preview(self, src: Source, mask: np.ndarray, score: float) -> None:
+        if src.kind == "volume":
+            full = np.zeros(spatial_shape(src.layer, src.channel_axis), bool)
+            full[src.z] = mask
+            mask = full
+        self.preview, self.preview_score = mask, float(score)
+        self.propagated = False
+        self._show_preview(src)
+        self.status.setText(f"preview: {int(mask.sum())} px, score {score:.2f}")
+
+    def _show_preview(self, src: Source | None = None) -> None:
+        layer = self._layer(PREVIEW_NAME)
+        if self.preview is None:
+            if layer is not None:
+                layer.data = np.zeros_like(layer.data)
+            return
+        data = self.preview.astype(np.uint8)
+        if layer is None or layer.data.shape != data.shape:
+            if layer is not None:
+                self.viewer.layers.remove(layer)
+            tf = self._spatial_transform(src.layer, src.channel_axis) if src is not None else {}
+            layer = self.viewer.add_labels(data, name=PREVIEW_NAME, opacity=0.5, **tf)
+            self._reselect_prompts()
+        else:
+            layer.data = data
+
+    def _reselect_prompts(self) -> None:
+        points = self._layer(POINTS_NAME)
+        if points is not None:
+            self.viewer.layers.selection.active = points
+
+    # ------------------------------------------------------------------------------------------- results
+    def _target(self, src: Source, create: bool = True):
+        """The target Labels layer (a new one if 'new labels layer' is chosen and ``create``)."""
+        shape = spatial_shape(src.layer, src.channel_axis)
+        layer = self.target_combo.value()
+        if layer is None:
+            if not create:
+                return None
+            layer = self.viewer.add_labels(np.zeros(shape, np.uint32), name=f"{src.layer.name} annotations",
+                                           **self._spatial_transform(src.layer, src.channel_axis))
+            self.target_combo.set_value(layer)
+            self._reselect_prompts()
+        if tuple(layer.data.shape) != tuple(shape):
+            raise ValueError(f"target layer {layer.name!r} has shape {tuple(layer.data.shape)}, the image "
+                             f"{src.layer.name!r} has {tuple(shape)}: choose another target or 'new labels layer'")
+        return layer
+
+    def commit(self) -> int | None:
+        """Write the preview into the target Labels layer as a new id (max + 1), only over background;
+        goes through the layer's undo history. Returns the new id."""
+        try:
+            src = self.source()
+            if src is None or self.preview is None or not self.preview.any():
+                show_info("nothing to commit: add prompts first")
+                return None
+            if self.preview.shape != spatial_shape(src.layer, src.channel_axis):
+                raise ValueError("the preview belongs to another image: update it first")
+            target = self._target(src)
+        except ValueError as err:
+            show_error(str(err))
+            return None
+        data = np.asarray(target.data)
+        new_id = int(data.max()) + 1
+        idx = np.nonzero(self.preview & (data == 0))
+        if not len(idx[0]):
+            show_info("the preview lies entirely on existing labels: nothing committed")
+            return None
+        if new_id > np.iinfo(target.data.dtype).max:
+            show_error(f"target {target.name!r} ({target.data.dtype}) has no free id left")
+            return None
+        target.data_setitem(idx, new_id)
+        text = self.text()
+        if text:
+            classes = dict(target.metadata.get("classes", {}))
+            classes[new_id] = text
+            target.metadata = {**target.metadata, "classes": classes}
+        self.status.setText(f"committed id {new_id} ({len(idx[0])} px) into {target.name!r}")
+        self.clear()
+        return new_id
+
+    def clear(self) -> None:
+        """Remove all prompts and the preview."""
+        for name in (POINTS_NAME, BOXES_NAME):
+            layer = self._layer(name)
+            if layer is not None and len(layer.data):
+                if name == BOXES_NAME:
+                    layer.data = []
+                else:
+                    layer.data = np.zeros((0, layer.ndim))
+        self.preview = None
+        self._show_preview()
+
+    def confirm(self, message: str) -> bool:
+        """Ask the user (a dialog; tests replace this method)."""
+        answer = QMessageBox.question(self, "napari-clipsam", message, QMessageBox.Yes | QMessageBox.No,
+                                      QMessageBox.No)
+        return answer == QMessageBox.Yes
+
+    def segment_all(self) -> None:
+        """All instances of the text → a new Labels layer (or the chosen target, after confirmation)."""
+        seg = self.session.segmenter
+        text = self.text()
+        try:
+            if seg is None:
+                raise ValueError("load a model first")
+            src = self.source()
+            if src is None:
+                raise ValueError("add an image layer first")
+            if not text:
+                raise ValueError("type a text (e.g. 'nucleus') to segment all its instances")
+        except (ValueError, RuntimeError) as err:
+            show_error(str(err))
+            return
+        self._remember_text(text)
+        target = self.target_combo.value()
+        if target is not None and not self.confirm(f"Add the '{text}' instances to layer {target.name!r}? "
+                                                   "Existing labels are kept."):
+            return
+
+        def job(report: Report):
+            if src.kind == "volume":
+                from ..engine.volume import link_text
+
+                self._embedded = None
+                return link_text(seg, self._volume(src), text, progress=report).labels
+            self._ensure_image(seg, src, report)
+            return seg.segment_text(text, progress=report).labels
+
+        self.jobs.submit("segment_all", job, lambda labels: self._write_all(src, text, labels, target),
+                         desc=f"segment all '{text}'")
+
+    def _write_all(self, src: Source, text: str, labels: np.ndarray, target) -> None:
+        n = int(len(np.unique(labels[labels > 0])))
+        if target is None or target not in self.viewer.layers:
+            layer = self.viewer.add_labels(labels.astype(np.uint32), name=f"{text} ({src.layer.name})",
+                                           metadata={"classes": {int(i): text for i in np.unique(labels) if i}},
+                                           **self._spatial_transform(src.layer, src.channel_axis))
+            self._reselect_prompts()
+            self.status.setText(f"segment all '{text}': {n} instances → new layer {layer.name!r}")
+            return
+        data = np.asarray(target.data)
+        if data.shape != labels.shape:
+            show_error(f"target {target.name!r} has shape {data.shape}, the result {labels.shape}")
+            return
+        free = (labels > 0) & (data == 0)
+        offset = int(data.max())
+        idx = np.nonzero(free)
+        target.data_setitem(idx, (labels[idx].astype(np.int64) + offset).astype(target.data.dtype))
+        classes = dict(target.metadata.get("classes", {}))
+        classes.update({int(i) + offset: text for i in np.unique(labels[free])})
+        target.metadata = {**target.metadata, "classes": classes}
+        self.status.setText(f"segment all '{text}': {n} instances added to {target.name!r}")
+
+    def propagate(self) -> None:
+        """Follow the object prompted on the current slice through z; the 3D result becomes the preview."""
+        seg = self.session.segmenter
+        try:
+            src = self.source()
+            if seg is None or src is None:
+                raise ValueError("load a model and choose an image layer first")
+            if src.kind != "volume":
+                raise ValueError(f"layer {src.layer.name!r} is 2D: propagation needs a (Z, Y, X) volume")
+            pts, labels, box = self.prompts(src)
+            if pts is None and box is None:
+                raise ValueError(f"add a point or a box on the current slice (z = {src.z}) first")
+        except ValueError as err:
+            show_error(str(err))
+            return
+        text = self.text()
+
+        def job(report: Report):
+            from ..engine.volume import propagate
+
+            self._embedded = None
+            return propagate(seg, self._volume(src), src.z, points=pts, labels=labels, box=box, text=text,
+                             progress=report)
+
+        def done(res) -> None:
+            self.preview = res.labels > 0
+            self.propagated = True
+            self._show_preview(src)
+            nz = int(np.isfinite(res.slice_scores).sum())
+            self.status.setText(f"propagated over {nz} slices: Commit to keep it")
+
+        self.jobs.submit("propagate", job, done, desc="propagate through z")

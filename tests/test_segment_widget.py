@@ -1,0 +1,222 @@
+"""The Segment panel, driven headless (Xvfb) like a user: sub-widget values + handlers, real models.
+
+Quality assertions use the bundled demo model (skipped only while its file is not built); the
+mechanics (ids, undo, threading, errors) also run with a tiny random model.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from napari_clipsam._sample_data import sample_2d, sample_3d
+from napari_clipsam.engine.segmenter import Segmenter
+from napari_clipsam.evaluation import instance_f1, mask_iou
+from napari_clipsam.models.clipsam import ClipSam, tiny_config
+from napari_clipsam.models.registry import load_model, model_status
+
+pytestmark = pytest.mark.gui
+needs_demo = pytest.mark.skipif(model_status("demo") == "not built", reason="demo model file not built")
+IMAGES = "docs/images"
+
+
+def _add(viewer, layers):
+    return [getattr(viewer, f"add_{kind}")(data, **kw) for data, kw, kind in layers]
+
+
+def _gt(labels_layer, concept: str) -> np.ndarray:
+    ids = [i for i, c in labels_layer.metadata["classes"].items() if c == concept]
+    return np.where(np.isin(labels_layer.data, ids), labels_layer.data, 0)
+
+
+def _wait(qtbot, widget, timeout=120_000):
+    qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=timeout)
+
+
+def _errors():
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    return [n.message for n in notification_manager.records if n.severity == NotificationSeverity.ERROR]
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    return load_model("demo")
+
+
+def _panel(viewer, qtbot, segmenter):
+    from napari_clipsam.widgets._common import session_for
+    from napari_clipsam.widgets.segment_widget import SegmentWidget
+
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment (text + clicks)")
+    session_for(viewer).set_segmenter(segmenter, "test model")
+    _wait(qtbot, widget)
+    return widget
+
+
+def _click(widget, viewer, row, col, z=None, positive=True):
+    points = widget.ensure_prompt_layers()[0]
+    if widget.negative == positive:
+        widget.toggle_negative()
+    points.add([[row, col]] if z is None else [[z, row, col]])
+
+
+def _deepest(mask):
+    from scipy import ndimage
+
+    d = ndimage.distance_transform_edt(mask)
+    return np.unravel_index(int(np.argmax(d)), d.shape)
+
+
+@needs_demo
+def test_segment_all_point_commit_2d(make_napari_viewer, qtbot, demo_model):
+    viewer = make_napari_viewer()
+    image, labels = _add(viewer, sample_2d())
+    widget = _panel(viewer, qtbot, Segmenter(demo_model))
+    assert widget._embedded is not None  # embedded in the background on load
+
+    # text-only: Segment all → a new Labels layer meeting the demo model's instance F1 bar
+    gt = _gt(labels, "nucleus")
+    widget.target_combo.setCurrentText("new labels layer")
+    widget.text_combo.setCurrentText("nucleus")
+    widget.segment_all()
+    _wait(qtbot, widget)
+    result = viewer.layers["nucleus (synthetic cells 2D)"]
+    f1 = instance_f1(result.data, gt)
+    assert f1 >= 0.75, f1
+    assert set(result.metadata["classes"].values()) == {"nucleus"}
+
+    # a positive click on one nucleus → the preview covers it
+    ids, areas = np.unique(gt[gt > 0], return_counts=True)
+    obj = gt == ids[np.argmax(areas)]
+    r, c = _deepest(obj)
+    widget.mode_combo.setCurrentText("manual")
+    _click(widget, viewer, r, c)
+    _wait(qtbot, widget)
+    assert widget.preview is not None
+    assert mask_iou(widget.preview, obj) >= 0.7
+    points = viewer.layers["clipsam points"]
+    assert np.allclose(points.face_color[-1], [0, 1, 0, 1])  # positive = green
+
+    # Commit into a layer with other objects: exactly one new id, other ids untouched, undo-able
+    others = _gt(labels, "mitochondrion").astype(np.uint32)
+    target = viewer.add_labels(others.copy(), name="annotations")
+    widget.target_combo.setCurrentText("annotations")
+    new_id = widget.commit()
+    assert new_id == int(others.max()) + 1
+    after = target.data
+    assert set(np.unique(after)) == set(np.unique(others)) | {new_id}
+    assert np.array_equal(after[after != new_id], others[after != new_id])  # nothing else changed
+    assert np.array_equal(after[others > 0], others[others > 0])  # existing objects never overwritten
+    assert mask_iou(after == new_id, obj & (others == 0)) >= 0.7
+    assert target.metadata["classes"][new_id] == "nucleus"
+    assert len(viewer.layers["clipsam points"].data) == 0 and widget.preview is None  # prompts cleared
+    target.undo()
+    assert np.array_equal(target.data, others)
+
+    # Segment all into a chosen layer, after confirmation: new ids appended, old ones kept
+    asked = []
+    widget.confirm = lambda msg: asked.append(msg) or True
+    widget.segment_all()
+    _wait(qtbot, widget)
+    assert asked
+    data = target.data
+    assert np.array_equal(data[others > 0], others[others > 0])
+    assert data.max() > others.max()
+
+
+@needs_demo
+def test_propagate_through_z(make_napari_viewer, qtbot, demo_model):
+    viewer = make_napari_viewer()
+    image, labels = _add(viewer, sample_3d())
+    gt = _gt(labels, "nucleus")
+    ids, areas = np.unique(gt[gt > 0], return_counts=True)
+    obj = gt == ids[np.argmax(areas)]
+    zs = np.flatnonzero(obj.any((1, 2)))
+    z = int(zs[len(zs) // 2])
+    widget = _panel(viewer, qtbot, Segmenter(demo_model))
+    viewer.dims.set_current_step(0, z)
+    _wait(qtbot, widget)
+    assert widget.source().z == z
+    r, c = _deepest(obj[z])
+    _click(widget, viewer, r, c, z=z)
+    _wait(qtbot, widget)
+    assert mask_iou(widget.preview[z], obj[z]) >= 0.7
+    widget.propagate()
+    _wait(qtbot, widget)
+    assert widget.propagated and widget.preview.shape == obj.shape
+    assert widget.preview.any((1, 2)).sum() >= 3  # followed through several slices
+    assert mask_iou(widget.preview, obj) >= 0.6
+    widget.target_combo.setCurrentText("new labels layer")
+    new_id = widget.commit()
+    assert new_id == 1
+    out = viewer.layers["synthetic cells 3D annotations"]
+    assert out.data.shape == obj.shape and mask_iou(out.data == 1, obj) >= 0.6
+
+
+def test_tiny_model_commit_ids_and_errors(make_napari_viewer, qtbot):
+    """Mechanics with a random tiny model: commit ids, the preview follows the prompts, clear errors."""
+    import torch
+
+    torch.manual_seed(0)
+    viewer = make_napari_viewer()
+    image, labels = _add(viewer, sample_2d())
+    widget = _panel(viewer, qtbot, Segmenter(ClipSam(tiny_config())))
+    _click(widget, viewer, 100, 120)
+    _click(widget, viewer, 30, 30, positive=False)
+    _wait(qtbot, widget)
+    pts, lab, box = widget.prompts(widget.source())
+    assert np.allclose(pts, [[120, 100], [30, 30]]) and lab.tolist() == [1, 0]  # (row, col) → (x, y)
+    assert np.allclose(viewer.layers["clipsam points"].face_color[1], [1, 0, 0, 1])  # negative = red
+    boxes = viewer.layers["clipsam boxes"]
+    boxes.add_rectangles(np.array([[20, 40], [80, 90]]))
+    _wait(qtbot, widget)
+    assert np.allclose(widget.prompts(widget.source())[2], [40, 20, 90, 80])
+    widget.preview = np.zeros(labels.data.shape, bool)
+    widget.preview[10:20, 10:20] = True
+    before = labels.data.copy()
+    widget.target_combo.setCurrentText(labels.name)
+    new_id = widget.commit()
+    assert new_id == before.max() + 1
+    changed = labels.data != before
+    assert np.all(labels.data[changed] == new_id) and np.all(before[changed] == 0)
+
+    # errors are notifications carrying the engine's message, not tracebacks
+    widget.propagate()
+    assert "propagation needs a (Z, Y, X) volume" in _errors()[-1]
+    widget.text_combo.setCurrentText("")
+    widget.segment_all()
+    assert "type a text" in _errors()[-1]
+
+
+def test_ui_not_blocked_while_embedding(make_napari_viewer, qtbot):
+    """A QTimer keeps ticking while the embedding runs in the worker."""
+    from qtpy.QtCore import QTimer
+
+    viewer = make_napari_viewer()
+    _add(viewer, sample_2d())
+    seg = Segmenter(ClipSam(tiny_config()))
+    real = seg.model.embed_image
+    running = []
+
+    def slow_embed(x):  # a slow encoder (as on a large model): 1.5 s
+        running.append(time.perf_counter())
+        time.sleep(1.5)
+        return real(x)
+
+    seg.model.embed_image = slow_embed
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(20)
+    t0 = time.perf_counter()
+    widget = _panel(viewer, qtbot, seg)  # set_segmenter → background embedding; waits for it
+    timer.stop()
+    assert running, "the embedding did not run"
+    during = [t for t in ticks if running[0] < t < running[0] + 1.5]
+    assert len(during) >= 20, len(during)  # the event loop ran ~every 20 ms during the 1.5 s embedding
+    assert time.perf_counter() - t0 >= 1.5
+    assert widget._embedded is not None
