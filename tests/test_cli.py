@@ -8,9 +8,7 @@ errors, caching, adapters) use a tiny random model saved to a file, so they run 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +20,10 @@ from napari_clipsam import cli
 from napari_clipsam.data.synthetic import make_image, make_volume
 from napari_clipsam.evaluation import instance_f1, interior_point, mask_iou
 from napari_clipsam.models.registry import model_status
+from test_cli_models import _cli_argv  # the installed console script, else python -m
 
 HELD_OUT = 4_000_000  # the demo was trained on seeds < 100_000
 needs_demo = pytest.mark.skipif(model_status("demo") == "not built", reason="demo model file not built")
-
-
-def _cli_argv() -> list[str]:
-    script = Path(sys.executable).with_name("napari-clipsam")
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("napari-clipsam")
-    return [found] if found else [sys.executable, "-m", "napari_clipsam.cli"]
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -262,3 +253,11 @@ def test_sample_and_help(tmp_path, capsys):
     out = capsys.readouterr().out
     for name in ("segment", "finetune", "embed", "sample", "models"):
         assert name in out
+
+
+def test_usage_errors_are_one_line_too(tmp_path):
+    res = run_cli("segment")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "napari-clipsam segment: error: the following arguments are required: INPUT "
+        "(see napari-clipsam segment --help)"]

@@ -27,6 +27,19 @@ class CliError(Exception):
     """An error to report as one line on stderr with exit status 1."""
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage errors as one line (``napari-clipsam segment: error: ... (see --help)``), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _wrap(text: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=100)
+
+
 # --------------------------------------------------------------------------------------
 # models
 # --------------------------------------------------------------------------------------
@@ -357,7 +370,7 @@ def add_segment_command(subparsers: argparse._SubParsersAction) -> None:
     """``segment INPUT... --text T | --points ... | --box ... [-o OUT]``."""
     p = subparsers.add_parser(
         "segment", help="segment TIFF images or volumes by text or clicks into instance-label TIFFs",
-        description=(
+        description=_wrap(
             "Segment 2D images (H, W) / RGB (H, W, 3) or, with --3d, volumes (Z, Y, X) into instance labels "
             "(uint16, or uint32 past 65535 objects) of the same shape. --text finds every object of a "
             "concept; --points/--box (optionally with --text) segments one object (labels 0/1). Inputs: files, "
@@ -515,7 +528,7 @@ def add_embed_command(subparsers: argparse._SubParsersAction) -> None:
     """``embed INPUT... --cache DIR``."""
     p = subparsers.add_parser(
         "embed", help="precompute image embeddings into a cache folder (e.g. on a GPU machine)",
-        description=(
+        description=_wrap(
             "Compute the image embeddings of TIFF images (or, with --3d, of every volume slice) into an "
             "on-disk cache. Copy the folder anywhere and pass it to 'segment --cache DIR' (or the napari "
             "widget) with the same model and adapter: segmentation then runs only the fast decoder. "
@@ -584,7 +597,7 @@ def add_finetune_command(subparsers: argparse._SubParsersAction) -> None:
     """``finetune --images ... --labels ... --text T -o adapter.safetensors``."""
     p = subparsers.add_parser(
         "finetune", help="fine-tune on a few labelled images; writes a small adapter file",
-        description=(
+        description=_wrap(
             "Fine-tune the model (LoRA + text conditioning + mask decoder) on images with instance labels of "
             "one concept, and save only the trained weights as an adapter (.safetensors, a few MB). "
             "--images and --labels are paired in order (folders in file-name order); 3D stacks give one "
@@ -742,7 +755,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="napari-clipsam",
         description="Segment microscopy by text and clicks with a CLIP-conditioned SAM.",
     )
