@@ -53,3 +53,5 @@ def test_label_overlap():
     ids_a, ids_b, iou = label_overlap(a, b)
     assert ids_a.tolist() == [5, 7] and ids_b.tolist() == [1]
     np.testing.assert_allclose(iou[:, 0], [4 / 12, 4 / 12])
+    _, _, contain = label_overlap(a, b, metric="min")
+    np.testing.assert_allclose(contain[:, 0], [0.5, 0.5])

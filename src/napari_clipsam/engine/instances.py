@@ -164,10 +164,11 @@ def paint_labels(inst: Instances, shape: tuple[int, int], min_area: int = 1,
     return labels, scores
 
 
-def label_overlap(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairwise IoU between the ids of two label images of equal shape.
+def label_overlap(a: np.ndarray, b: np.ndarray, metric: str = "iou") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairwise overlap between the ids of two label images of equal shape: ``"iou"``, or
+    ``"min"`` = intersection / the smaller area (1 when one object contains the other).
 
-    Returns (ids_a (n,), ids_b (m,), iou (n, m)) over the non-zero ids present in each.
+    Returns (ids_a (n,), ids_b (m,), overlap (n, m)) over the non-zero ids present in each.
     """
     a = np.asarray(a).ravel()
     b = np.asarray(b).ravel()
@@ -175,7 +176,13 @@ def label_overlap(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     ids_b, inv_b = np.unique(b, return_inverse=True)
     table = np.bincount(inv_a * len(ids_b) + inv_b, minlength=len(ids_a) * len(ids_b)).reshape(len(ids_a), len(ids_b))
     area_a, area_b = table.sum(1), table.sum(0)
-    iou = table / np.maximum(area_a[:, None] + area_b[None, :] - table, 1)
+    if metric == "iou":
+        denom = area_a[:, None] + area_b[None, :] - table
+    elif metric == "min":
+        denom = np.minimum(area_a[:, None], area_b[None, :])
+    else:
+        raise ValueError(f"metric must be 'iou' or 'min', got {metric!r}")
+    iou = table / np.maximum(denom, 1)
     ra, rb = ids_a != 0, ids_b != 0
     return ids_a[ra], ids_b[rb], iou[np.ix_(ra, rb)]
 

@@ -85,6 +85,17 @@ class _View:
         return np.array([self.tile.window[1], self.tile.window[0]], np.float32)  # (x, y)
 
 
+def _grow(masks: np.ndarray, margin: float) -> np.ndarray:
+    """(N, h, w) boolean regions, each dilated by ``margin`` × its equivalent diameter (>= 2 px)."""
+    from scipy import ndimage
+
+    out = np.empty_like(masks)
+    for i, m in enumerate(masks):
+        r = max(2, int(round(margin * 2 * np.sqrt(m.sum() / np.pi))))
+        out[i] = ndimage.binary_dilation(m, ndimage.generate_binary_structure(2, 1), iterations=r)
+    return out
+
+
 def _as_entry(obj: ImageFeatures | Encoded) -> dict[str, torch.Tensor]:
     names = ("tokens", "embeddings", "patches", "prompt_tokens", "semantic", "similarity")
     return {n: getattr(obj, n) for n in names if getattr(obj, n, None) is not None}
@@ -184,6 +195,7 @@ class Segmenter:
         self._image: np.ndarray | None = None
         self._views: list[_View] = []
         self._global: _View | None = None
+        self._extra: dict[tuple[int, int, int, int], _View] = {}
         self._blank = False
         self._hash = ""
 
@@ -329,11 +341,28 @@ class Segmenter:
             ys += [rows[0], rows[-1] + 1]
         if len(self._views) == 1:
             return self._views[0]
-        i = route([v.tile for v in self._views], (min(ys), min(xs), max(ys), max(xs)))
-        if i is None:
-            log.warning("prompt spans more than one tile: predicting on the whole image at reduced resolution")
+        bbox = (min(ys), min(xs), max(ys), max(xs))
+        i = route([v.tile for v in self._views], bbox)
+        if i is not None:
+            return self._views[i]
+        return self._centred_view(bbox)
+
+    def _centred_view(self, bbox) -> _View:
+        """A tile-sized window centred on a prompt that no tile contains (an object across a
+        seam); the whole image at reduced resolution if the prompt is larger than a tile."""
+        h, w = self._image.shape[:2]
+        th, tw = self._views[0].tile.shape
+        y0, x0, y1, x1 = bbox
+        if y1 - y0 > th or x1 - x0 > tw:
+            log.warning("prompt larger than a tile: predicting on the whole image at reduced resolution")
             return self._global_view()
-        return self._views[i]
+        cy = int(min(max(0, round((y0 + y1 - th) / 2)), h - th))
+        cx = int(min(max(0, round((x0 + x1 - tw) / 2)), w - tw))
+        window = (cy, cx, cy + th, cx + tw)
+        if window not in self._extra:
+            s = self.model.img_size
+            self._extra[window] = _View(Tile(window, window), frame_for((th, tw), s), digest(self._hash, window, s))
+        return self._extra[window]
 
     def _decode_view(self, view: _View, text, points, labels, box, mask_input, multimask):
         """→ (logits (M, h, w) over the view's window, predicted IoU (M,))."""
@@ -416,7 +445,8 @@ class Segmenter:
 
     # ---- text → instances ---------------------------------------------------------------------
     def segment_text(self, text: str, threshold: float = 0.5, min_area: int = 16, min_score: float = 0.25,
-                     nms_iou: float = 0.5, merge_iou: float = 0.5, progress: Progress | None = None) -> TextSegmentation:
+                     nms_iou: float = 0.5, merge_iou: float = 0.5, region_margin: float = 0.5,
+                     progress: Progress | None = None) -> TextSegmentation:
         """All instances of ``text`` in the current image.
 
         The text's semantic map (``prob``) is thresholded at ``threshold`` into regions (large ones
@@ -424,7 +454,8 @@ class Segmenter:
         decoder, all in one batch. Masks overlapping a better one by IoU > ``nms_iou`` are
         dropped, then masks under ``min_area`` pixels or ``min_score`` predicted IoU; on tiled
         images instances from neighbouring tiles agreeing (IoU ≥ ``merge_iou``) in their overlap
-        are merged into one.
+        are merged into one. Each mask is confined to its region grown by ``region_margin`` × the
+        region's equivalent diameter (at least two low-resolution cells).
         """
         self._require_image()
         text = self._check_text(text)
@@ -434,7 +465,7 @@ class Segmenter:
         report = progress or self.progress
         parts, probs = [], []
         for i, view in enumerate(self._views):
-            inst, prob = self._instances_in_view(view, text, threshold, min_area, source=i)
+            inst, prob = self._instances_in_view(view, text, threshold, min_area, i, region_margin)
             parts.append(inst)
             probs.append(prob)
             if report:
@@ -448,8 +479,8 @@ class Segmenter:
         labels, scores = paint_labels(inst, (h, w), min_area)
         return TextSegmentation(labels, scores, paste_cores(tiles, probs, (h, w)))
 
-    def _instances_in_view(self, view: _View, text: str, threshold: float, min_area: int,
-                           source: int) -> tuple[Instances, np.ndarray]:
+    def _instances_in_view(self, view: _View, text: str, threshold: float, min_area: int, source: int,
+                           region_margin: float) -> tuple[Instances, np.ndarray]:
         """Instances (image coordinates) and the (h, w) probability map of one view."""
         enc = self._encoded(view, text)
         s, m, frame = self.model.img_size, self.model.mask_size, view.frame
@@ -470,6 +501,10 @@ class Segmenter:
                           masks=(region * 2 - 1) * 8.0)
         with torch.no_grad():
             low_masks, iou = self.model.decode(enc, prompts)
+            # Each instance stays near its region: a decoder that wanders onto neighbours of the
+            # same concept would otherwise return their union for every prompt.
+            near = torch.from_numpy(_grow(pp.masks, region_margin))[:, None].to(low_masks.device)
+            low_masks = low_masks.masked_fill(~near, -1e4)
         y0, x0 = view.tile.window[:2]
         out = []
         for c in range(0, len(pp), _DECODE_CHUNK):

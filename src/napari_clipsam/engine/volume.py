@@ -11,7 +11,8 @@ when the mask is empty or smaller than ``min_area``, its score drops below ``min
 IoU with the previous mask drops below ``min_iou``.
 
 Text linking: ``segment_text`` on every slice; instances of consecutive slices are matched one to
-one by IoU (Hungarian assignment, pairs with IoU ≥ ``link_iou``) and share the 3D id.
+one (Hungarian assignment) by overlap = intersection / the smaller area, which stays high where
+an object shrinks towards its ends; pairs with overlap ≥ ``link_overlap`` share the 3D id.
 """
 
 from __future__ import annotations
@@ -104,9 +105,11 @@ def mask_prompts(mask: np.ndarray, grow: float = 0.1) -> tuple[np.ndarray, np.nd
 
 def propagate(seg: "Segmenter", volume: np.ndarray | NormalizedVolume, z: int, points=None, labels=None, box=None,
               text: str | None = None, min_score: float = 0.3, min_iou: float = 0.25, min_area: int = 8,
-              progress: "Progress | None" = None) -> VolumeSegmentation:
+              max_shift: float = 0.5, progress: "Progress | None" = None) -> VolumeSegmentation:
     """Segment one object from prompts on slice ``z`` and follow it through the volume.
 
+    Each slice's mask is confined to the previous one grown by ``max_shift`` × its radius (an
+    object moves little between slices; this keeps the decoder from jumping to a neighbour).
     Returns labels with the object as id 1 and per-slice scores (NaN where it is absent).
     """
     vol = volume if isinstance(volume, NormalizedVolume) else NormalizedVolume(volume)
@@ -133,6 +136,7 @@ def propagate(seg: "Segmenter", volume: np.ndarray | NormalizedVolume, z: int, p
             seg.set_normalized(vol[k], embed=False)
             point, grown = mask_prompts(prev)
             cur, sc = seg.predict(points=point, labels=[1], box=grown, text=text, mask_input=prev)
+            cur &= ndimage.binary_dilation(prev, iterations=max(2, int(max_shift * np.sqrt(prev.sum() / np.pi))))
             done += 1
             _report(progress, done, nz, "propagate")
             iou = _iou(cur, prev)
@@ -147,9 +151,9 @@ def propagate(seg: "Segmenter", volume: np.ndarray | NormalizedVolume, z: int, p
     return VolumeSegmentation(out, {1: float(np.nanmean(slice_scores))}, slice_scores)
 
 
-def link_text(seg: "Segmenter", volume: np.ndarray | NormalizedVolume, text: str, link_iou: float = 0.25,
+def link_text(seg: "Segmenter", volume: np.ndarray | NormalizedVolume, text: str, link_overlap: float = 0.5,
               progress: "Progress | None" = None, **segment_kwargs) -> VolumeSegmentation:
-    """``segment_text`` per slice, linked across z by one-to-one IoU matching into 3D ids."""
+    """``segment_text`` per slice, linked across z by one-to-one overlap matching into 3D ids."""
     vol = volume if isinstance(volume, NormalizedVolume) else NormalizedVolume(volume)
     progress = progress or seg.progress
     nz = len(vol)
@@ -164,10 +168,10 @@ def link_text(seg: "Segmenter", volume: np.ndarray | NormalizedVolume, text: str
         lut = np.zeros(len(res.scores) + 1, np.uint32)
         taken: set[int] = set()
         if prev is not None and res.scores and prev.any():
-            ids_a, ids_b, iou = label_overlap(prev, res.labels)
-            rows, cols = linear_sum_assignment(-iou)
+            ids_a, ids_b, overlap = label_overlap(prev, res.labels, metric="min")
+            rows, cols = linear_sum_assignment(-overlap)
             for r, c in zip(rows, cols):
-                if iou[r, c] >= link_iou:
+                if overlap[r, c] >= link_overlap:
                     lut[ids_b[c]] = ids_a[r]
                     taken.add(int(ids_b[c]))
         for k, s in res.scores.items():
