@@ -1,0 +1,116 @@
+"""LoRA setup and adapter files: identity at attach, exact detach, save → load, mismatches, corrupt files."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_clipsam.models.clipsam import ClipSam, Prompts, tiny_config
+from napari_clipsam.training import (AdapterMismatchError, FineTuneConfig, LoraSettings, attach_lora, base_fingerprint,
+                                     detach_lora, examples_from_arrays, finetune, load_adapter, read_adapter,
+                                     remove_adapter, save_adapter, trainable_report)
+from napari_clipsam.training.lora import lora_blocks_of, set_trainable
+
+
+def _model(strategy="adapter", seed=0, **opts):
+    torch.manual_seed(seed)
+    return ClipSam(tiny_config(strategy, **opts))
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _masks(m, images):
+    p = Prompts(torch.tensor([0, 1]), points=torch.tensor([[[20.0, 20.0]], [[40.0, 30.0]]]), labels=torch.ones(2, 1))
+    with torch.no_grad():
+        enc = m.encode(images, ["nucleus", "nucleus"])
+        return m.decode(enc, p)[0], m.semantic_logits(enc)
+
+
+def _examples():
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(2):
+        img = rng.normal(100, 5, (64, 64)).astype(np.float32)
+        lab = np.zeros((64, 64), np.uint16)
+        for k, (y, x) in enumerate([(16, 16), (44, 40)], 1):
+            yy, xx = np.mgrid[:64, :64]
+            d = (yy - y - 2 * i) ** 2 + (xx - x) ** 2 <= 49
+            img[d] += 200
+            lab[d] = k
+        out += examples_from_arrays(img, lab, "nucleus", name=f"img{i}")
+    return out
+
+
+def test_attach_is_identity_and_detach_exact():
+    m = _model()
+    images = torch.rand(2, 3, 64, 64)
+    before, sem_before = _masks(m, images)
+    sd = _state(m)
+    blocks = attach_lora(m, LoraSettings(rank=4, blocks="all"))
+    assert blocks == (0, 1) and lora_blocks_of(m) == (0, 1)
+    after, sem_after = _masks(m, images)
+    assert torch.equal(before, after) and torch.equal(sem_before, sem_after)  # B = 0: exactly the base
+    set_trainable(m, train_decoder=False)
+    rep = trainable_report(m)
+    assert rep["lora"] > 0 and rep["decoder"] == 0 and rep["trainable"] == rep["lora"] + rep["conditioning"]
+    with pytest.raises(ValueError, match="already has LoRA"):
+        attach_lora(m, LoraSettings())
+    detach_lora(m)
+    assert _same(sd, m.state_dict()) and "peft_config" not in m.__dict__
+
+
+def test_save_load_identical_masks_and_errors(tmp_path):
+    m = _model()
+    res = finetune(m, _examples(), FineTuneConfig(steps=3, mode="both", seed=1, lr=1e-2, patience=0, keep_best=False))
+    assert not res.cancelled
+    path = save_adapter(tmp_path / "cells.safetensors", m, metadata={"note": "test"})
+    with pytest.raises(FileExistsError):
+        save_adapter(path, m)
+    save_adapter(path, m, metadata={"note": "test"}, overwrite=True)
+    assert not list(tmp_path.glob("*.tmp"))
+    meta, tensors = read_adapter(path)
+    assert meta["texts"] == ["nucleus"] and meta["strategy"] == "adapter" and meta["user"] == {"note": "test"}
+    assert meta["lora"]["rank"] == 8 and meta["base"]["fingerprint"] == base_fingerprint(m)
+    assert meta["training"]["summary"]["steps"] == 3
+    assert any(".lora_A." in k for k in tensors) and not any(k.startswith("sam.image_encoder.") and "lora" not in k
+                                                           for k in tensors)
+
+    images = torch.rand(2, 3, 64, 64)
+    want, want_sem = _masks(m, images)
+    fresh = _model()  # same base weights (same seed)
+    base_out, _ = _masks(fresh, images)
+    assert not torch.equal(base_out, want)  # training changed something
+    load_adapter(path, fresh)
+    got, got_sem = _masks(fresh, images)
+    assert torch.equal(got, want) and torch.equal(got_sem, want_sem)
+    # loading again (replacing the adapter) is idempotent; removing it gives the base back
+    load_adapter(path, fresh)
+    assert torch.equal(_masks(fresh, images)[0], want)
+    remove_adapter(fresh)
+    assert torch.equal(_masks(fresh, images)[0], base_out)
+
+    other_base = _model(seed=5)
+    sd = _state(other_base)
+    with pytest.raises(AdapterMismatchError, match=r"trained on .* \(hash [0-9a-f]{12}.*current base is .*load it with --model"):
+        load_adapter(path, other_base)
+    assert _same(sd, other_base.state_dict())
+    with pytest.raises(AdapterMismatchError, match="strategy 'adapter'.*'ssp'"):
+        load_adapter(path, _model("ssp"))
+
+    data = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_adapter(tmp_path / "trunc.safetensors", _model())
+    flipped = bytearray(data)
+    flipped[-10] ^= 0xFF
+    (tmp_path / "flip.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="checksum|corrupt"):
+        load_adapter(tmp_path / "flip.safetensors", _model())
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_adapter(tmp_path / "junk.safetensors", _model())

@@ -1,0 +1,86 @@
+"""Training examples: 2D/3D arrays, TIFF files, napari-like layers; validation errors name the example."""
+
+import numpy as np
+import pytest
+
+from napari_clipsam.training.examples import (TrainingExample, examples_from_arrays, examples_from_files,
+                                              examples_from_layers, validate_examples)
+
+
+def _scene(h=48, w=64):
+    img = np.zeros((h, w), np.uint16)
+    lab = np.zeros((h, w), np.uint32)
+    img[10:20, 10:20] = 1000
+    lab[10:20, 10:20] = 1
+    img[30:40, 40:50] = 900
+    lab[30:40, 40:50] = 2
+    return img, lab
+
+
+def test_2d_and_several_classes():
+    img, lab = _scene()
+    dots = np.zeros_like(lab)
+    dots[5, 5] = 1
+    exs = examples_from_arrays(img, {"nucleus": lab, "vesicle": dots}, name="cells")
+    assert [e.text for e in exs] == ["nucleus", "vesicle"]
+    assert exs[0].num_instances == 2 and exs[0].group == exs[1].group == "cells"
+    assert examples_from_arrays(img, [lab, dots], ["a", "b"])[1].text == "b"
+    validate_examples(exs)
+
+
+def test_volume_slices_sampled_and_empty_down_weighted():
+    img = np.random.default_rng(0).integers(0, 100, (20, 32, 32)).astype(np.uint16)
+    lab = np.zeros((20, 32, 32), np.uint16)
+    lab[2:12, 8:16, 8:16] = 1
+    exs = examples_from_arrays(img, lab, "nucleus", name="vol", max_slices=4, max_empty_fraction=0.5)
+    full = [e for e in exs if not e.allow_empty]
+    empty = [e for e in exs if e.allow_empty]
+    assert len(full) == 4 and len(empty) == 2
+    assert all(e.weight == 1.0 for e in full) and all(e.weight == pytest.approx(0.2) for e in empty)
+    assert all(not e.labels.any() for e in empty) and all(e.labels.any() for e in full)
+    assert full[0].name.startswith("vol[z=")
+    validate_examples(exs)
+
+
+def test_tiff_files_and_layers(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    img, lab = _scene()
+    tifffile.imwrite(tmp_path / "img.tif", img)
+    tifffile.imwrite(tmp_path / "lab.tif", lab)
+    exs = examples_from_files(tmp_path / "img.tif", tmp_path / "lab.tif", "nucleus")
+    assert exs[0].name == "img.tif" and np.array_equal(exs[0].labels, lab)
+    with pytest.raises(FileNotFoundError):
+        examples_from_files(tmp_path / "nope.tif", tmp_path / "lab.tif", "nucleus")
+
+    class Layer:  # the attributes examples_from_layers reads from napari layers
+        def __init__(self, data, name):
+            self.data, self.name = data, name
+
+    exs = examples_from_layers(Layer(img, "raw"), Layer(lab, "nucleus"))
+    assert exs[0].text == "nucleus" and exs[0].name == "raw"
+    exs = examples_from_layers(Layer(img, "raw"), {"cell": Layer(lab, "x")})
+    assert exs[0].text == "cell"
+
+
+@pytest.mark.parametrize("case, match", [
+    ("zeros", "all zero"),
+    ("shape", "does not match"),
+    ("float", "float labels"),
+    ("text", "text"),
+])
+def test_bad_examples_name_the_example(case, match):
+    img, lab = _scene()
+    good = TrainingExample(img, lab, "nucleus", name="good")
+    bad = {
+        "zeros": TrainingExample(img, np.zeros_like(lab), "nucleus", name="empty-one"),
+        "shape": TrainingExample(img, lab[:40], "nucleus", name="cropped-one"),
+        "float": TrainingExample(img, lab.astype(np.float32), "nucleus", name="float-one"),
+        "text": TrainingExample(img, lab, "  ", name="no-text"),
+    }[case]
+    with pytest.raises(ValueError, match=match) as err:
+        validate_examples([good, bad])
+    assert "example 1" in str(err.value) and bad.name in str(err.value)
+    # the builders name the image and the class
+    if case in ("zeros", "float"):
+        with pytest.raises(ValueError, match=r"'scan7'.*nucleus|nucleus.*'scan7'"):
+            examples_from_arrays(img, bad.labels, "nucleus", name="scan7")
