@@ -73,6 +73,7 @@ def text_runs():
             "result": res, "test": test, "good_model": good}
 
 
+@pytest.mark.slow
 def test_text_finetune_improves_held_out_and_uses_text(text_runs):
     start, good, swapped = text_runs["start"], text_runs["good"], text_runs["swapped"]
     res = text_runs["result"]
@@ -86,6 +87,7 @@ def test_text_finetune_improves_held_out_and_uses_text(text_runs):
     assert res.trainable["percent"] < 100 and res.losses[-1] < res.losses[0]
 
 
+@pytest.mark.slow
 def test_manual_mode_improves_points_and_boxes(text_runs):
     # nuclei only: the 5–7 px vesicles are beyond what this random-init model learns from clicks in 150 steps
     test = _data(TEST, classes=("nucleus",))
