@@ -9,8 +9,8 @@ of view with more objects, not larger objects):
 
 * ``"nucleus"`` — large roundish/elliptical blobs, equivalent radius 10–22 px, slightly irregular outline,
   chromatin texture with darker nucleoli; often in touching clusters.
-* ``"mitochondrion"`` — rods/worms, width 3–5 px, end-to-end length 15–40 px, straight or gently curved.
-* ``"vesicle"`` — small round dots, radius 3–6 px.
+* ``"mitochondrion"`` — rods/worms, width 5–8 px, end-to-end length 20–45 px, straight or gently curved.
+* ``"vesicle"`` — small round dots, radius 5–8 px.
 
 Brightness distributions of the three classes overlap on purpose (each object's brightness is drawn from a broad
 log-normal around a similar class mean), so classes are told apart by shape, size and texture.
@@ -48,8 +48,8 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
 #: Documented size ranges in pixels at ``domain_shift=0`` (what the generator draws from).
 SIZE_RANGES: dict[str, dict[str, tuple[float, float]]] = {
     "nucleus": {"radius": (10.0, 22.0)},
-    "mitochondrion": {"width": (3.0, 5.0), "length": (15.0, 40.0)},
-    "vesicle": {"radius": (3.0, 6.0)},
+    "mitochondrion": {"width": (5.0, 8.0), "length": (20.0, 45.0)},
+    "vesicle": {"radius": (5.0, 8.0)},
 }
 
 #: Named ``domain_shift`` values.
