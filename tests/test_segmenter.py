@@ -190,3 +190,40 @@ def test_from_pretrained_loads_a_clipsam_file(tmp_path):
     seg = Segmenter.from_pretrained(path, device="cpu")
     seg.set_image(_image())
     torch.testing.assert_close(seg.predict_torch(points=[[10, 20]])[0], _fresh_prediction(model, _image(), points=[[10, 20]]))
+
+
+def test_set_adapter_file_matches_finetuned_model(tmp_path):
+    """An adapter file from fine-tuning, applied through Segmenter.set_adapter to a fresh copy of
+    the base, gives the fine-tuned model's masks; embeddings of the base are not reused."""
+    import copy
+
+    from napari_clipsam.models.clipsam import ClipSam, tiny_config
+    from napari_clipsam.training.adapter_file import save_adapter
+    from napari_clipsam.training.examples import examples_from_arrays
+    from napari_clipsam.training.finetune import FineTuneConfig, finetune
+
+    torch.manual_seed(0)
+    base = ClipSam(tiny_config("ssp"))
+    fresh = copy.deepcopy(base)
+    rng = np.random.default_rng(0)
+    image = rng.random((64, 64)).astype(np.float32)
+    labels = np.zeros((64, 64), np.uint16)
+    labels[10:30, 10:30] = 1
+    labels[40:55, 35:60] = 2
+    image[labels > 0] += 2
+    tuned = copy.deepcopy(base)
+    finetune(tuned, examples_from_arrays(image, labels, text="nucleus"),
+             FineTuneConfig(steps=3, val_every=3, lora_rank=2, lora_blocks="all"))
+    path = save_adapter(tmp_path / "a.safetensors", tuned)
+
+    ref = Segmenter(tuned)
+    ref.set_image(image)
+    want, _ = ref.predict(points=[[20, 20]], text="nucleus")
+    seg = Segmenter(fresh)
+    seg.set_image(image)
+    before = seg.predict_torch(points=[[20, 20]], text="nucleus")[0]
+    meta = seg.set_adapter(path)
+    assert meta["strategy"] == "ssp" and meta["lora"]["rank"] == 2
+    got = seg.predict_torch(points=[[20, 20]], text="nucleus")[0]
+    assert not torch.equal(before, got)
+    assert np.array_equal(got[0].numpy() > 0, want)

@@ -161,15 +161,19 @@ class Segmenter:
         self._fp_encoded.invalidate()
         self._check_fingerprint()
 
-    def set_adapter(self, adapter: str | PathLike | Mapping[str, torch.Tensor]) -> None:
-        """Load weights (a ``.safetensors`` file or a state dict) into the model by name; every
-        name must exist in the model with the same shape."""
-        if isinstance(adapter, Mapping):
-            state = dict(adapter)
-        else:
-            from safetensors.torch import load_file
+    def set_adapter(self, adapter: str | PathLike | Mapping[str, torch.Tensor]) -> dict:
+        """Apply a fine-tuned adapter: a ``.safetensors`` file written by
+        :func:`~napari_clipsam.training.adapter_file.save_adapter` (compatibility checked, LoRA
+        attached) or a state dict of weights that exist in the model. Returns the adapter's
+        metadata (empty for a state dict). Embeddings are recomputed afterwards."""
+        if not isinstance(adapter, Mapping):
+            from ..training.adapter_file import load_adapter
 
-            state = load_file(str(adapter))
+            meta = load_adapter(adapter, self.model)
+            self.model.to(self.device).eval()
+            self.model_changed()
+            return meta
+        state = dict(adapter)
         own = self.model.state_dict()
         unknown = [k for k in state if k not in own]
         wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -179,6 +183,7 @@ class Segmenter:
         self.model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
         self.model_changed()
         log.info("applied %d adapter tensors", len(state))
+        return {}
 
     def _check_fingerprint(self) -> tuple[str, str]:
         f, e = self._fp_features.value(), self._fp_encoded.value()
