@@ -19,7 +19,39 @@ from napari_clipsam.models.registry import load_model, model_status
 
 pytestmark = pytest.mark.gui
 needs_demo = pytest.mark.skipif(model_status("demo") == "not built", reason="demo model file not built")
-IMAGES = "docs/images"
+SHOTS_ENV = "NAPARI_CLIPSAM_SCREENSHOTS"  # folder for the README screenshots (docs/images); else tmp_path
+
+
+def screenshot(viewer, name: str, tmp_path) -> np.ndarray:
+    """Render the whole window (canvas + panels) to ``<folder>/<name>.png``; returns the RGBA image."""
+    import os
+    from pathlib import Path
+
+    folder = Path(os.environ.get(SHOTS_ENV) or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    from qtpy.QtCore import QPoint
+
+    from napari.utils.io import imsave
+
+    window = viewer.window._qt_window
+    window.resize(1500, 950)
+    viewer.reset_view()
+    img = viewer.screenshot(canvas_only=False, flash=False)
+    # the window grab leaves the OpenGL canvas black off-screen: paste the canvas rendered by vispy
+    native = viewer.window._qt_viewer.canvas.native
+    canvas = viewer.screenshot(canvas_only=True, flash=False)
+    ratio = img.shape[1] / window.width()
+    pos = native.mapTo(window, QPoint(0, 0))
+    y0, x0 = round(pos.y() * ratio), round(pos.x() * ratio)
+    h, w = min(canvas.shape[0], img.shape[0] - y0), min(canvas.shape[1], img.shape[1] - x0)
+    img[y0 : y0 + h, x0 : x0 + w] = canvas[:h, :w]
+    imsave(str(folder / f"{name}.png"), img)
+    from qtpy.QtGui import QGuiApplication
+
+    assert img.shape[0] >= 600
+    if QGuiApplication.platformName() != "offscreen":  # Qt's offscreen platform renders no OpenGL
+        assert canvas[..., :3].std() > 5, "the canvas rendered nothing"
+    return img
 
 
 def _add(viewer, layers):
@@ -72,8 +104,8 @@ def _deepest(mask):
 
 
 @needs_demo
-def test_segment_all_point_commit_2d(make_napari_viewer, qtbot, demo_model):
-    viewer = make_napari_viewer()
+def test_segment_all_point_commit_2d(make_napari_viewer, qtbot, demo_model, tmp_path):
+    viewer = make_napari_viewer(show=True)
     image, labels = _add(viewer, sample_2d())
     widget = _panel(viewer, qtbot, Segmenter(demo_model))
     assert widget._embedded is not None  # embedded in the background on load
@@ -127,6 +159,24 @@ def test_segment_all_point_commit_2d(make_napari_viewer, qtbot, demo_model):
     assert np.array_equal(data[others > 0], others[others > 0])
     assert data.max() > others.max()
 
+    # the panel in use, for the README: sample + "nucleus" instances + a positive click and its preview
+    target.visible = False
+    _click(widget, viewer, r, c)
+    _wait(qtbot, widget)
+    viewer.layers.selection.active = viewer.layers["clipsam points"]
+    screenshot(viewer, "segment_panel", tmp_path)
+
+    # the plugin's writer keeps the class names and the scale that napari's built-in writer drops
+    import tifffile
+
+    from napari_clipsam._writer import write_labels
+
+    written = write_labels(str(tmp_path / "nuclei.tif"), result.data,
+                           {"scale": result.scale, "metadata": result.metadata, "name": result.name})
+    with tifffile.TiffFile(written[0]) as tif:
+        assert np.array_equal(tif.asarray(), result.data)
+        assert tif.shaped_metadata[0]["classes"] == {str(k): v for k, v in result.metadata["classes"].items()}
+
 
 @needs_demo
 def test_propagate_through_z(make_napari_viewer, qtbot, demo_model):
@@ -164,7 +214,7 @@ def test_tiny_model_commit_ids_and_errors(make_napari_viewer, qtbot):
     torch.manual_seed(0)
     viewer = make_napari_viewer()
     image, labels = _add(viewer, sample_2d())
-    widget = _panel(viewer, qtbot, Segmenter(ClipSam(tiny_config())))
+    widget = _panel(viewer, qtbot, Segmenter(ClipSam(tiny_config()), tile_size=0))
     _click(widget, viewer, 100, 120)
     _click(widget, viewer, 30, 30, positive=False)
     _wait(qtbot, widget)
@@ -198,7 +248,7 @@ def test_ui_not_blocked_while_embedding(make_napari_viewer, qtbot):
 
     viewer = make_napari_viewer()
     _add(viewer, sample_2d())
-    seg = Segmenter(ClipSam(tiny_config()))
+    seg = Segmenter(ClipSam(tiny_config()), tile_size=0)  # one view: one 1.5 s embedding
     real = seg.model.embed_image
     running = []
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QEvent, QObject, QThreadPool, Signal
 from qtpy.QtWidgets import QComboBox
 
 if TYPE_CHECKING:
@@ -30,6 +30,15 @@ log = logging.getLogger(__name__)
 
 #: ``report(done, total, message)``: what a job function gets to report progress (any thread).
 Report = Callable[[int, int, str], None]
+
+
+def alive(obj: QObject) -> bool:
+    """Whether the Qt object behind ``obj`` still exists (napari events may outlive closed widgets)."""
+    try:
+        obj.objectName()
+    except RuntimeError:
+        return False
+    return True
 
 
 def show_error(message: str) -> None:
@@ -73,6 +82,8 @@ class Jobs(QObject):
         self._current: _Job | None = None
         self._worker = None
         self._pbar = None
+        self._closed = False
+        self.cancel_hooks: list[Callable[[], None]] = []  # called on shutdown (e.g. cancel training)
         self.progressed.connect(self._on_progress)
 
     @property
@@ -87,14 +98,25 @@ class Jobs(QObject):
     def submit(self, name: str, fn: Callable[[Report], Any], on_done: Callable[[Any], None] | None = None,
                on_error: Callable[[BaseException], None] | None = None, desc: str | None = None,
                coalesce: bool = False) -> None:
+        if self._closed:
+            return
         job = _Job(name, fn, on_done, on_error, desc)
         if coalesce:
             self._pending = deque(j for j in self._pending if j.name != name)
         self._pending.append(job)
         self._next()
 
+    def shutdown(self, timeout_ms: int = 60_000) -> None:
+        """The viewer is closing: drop waiting jobs, cancel what can be cancelled, wait for the running one."""
+        self._closed = True
+        self._pending.clear()
+        for hook in self.cancel_hooks:
+            hook()
+        if self._current is not None:
+            QThreadPool.globalInstance().waitForDone(timeout_ms)
+
     def _next(self) -> None:
-        if self._current is not None or not self._pending:
+        if self._closed or self._current is not None or not self._pending:
             return
         from napari.qt.threading import create_worker
 
@@ -150,6 +172,20 @@ class Jobs(QObject):
             self.idle.emit()
 
 
+class _CloseWatcher(QObject):
+    """Shuts the session's jobs down when the viewer window closes (no worker outlives its window)."""
+
+    def __init__(self, window: QObject, jobs: Jobs):
+        super().__init__(window)
+        self.jobs = jobs
+        window.installEventFilter(self)
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt)
+        if event.type() == QEvent.Close:
+            self.jobs.shutdown()
+        return False
+
+
 class Session(QObject):
     """Per-viewer state shared by the panels: the segmenter (model) and the job queue.
 
@@ -159,8 +195,8 @@ class Session(QObject):
 
     model_changed = Signal()
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, parent: QObject | None = None):
+        super().__init__(parent)
         self.jobs = Jobs(self)
         self.segmenter: Segmenter | None = None
         self.model_source: str = ""
@@ -202,8 +238,13 @@ def session_for(viewer: napari.Viewer) -> Session:
         entry = _SESSIONS.get(id(viewer))
         if entry is not None and entry[0]() is viewer:
             return entry[1]
-        session = Session()
-        _SESSIONS[id(viewer)] = (weakref.ref(viewer), session)
+        window = getattr(getattr(viewer, "window", None), "_qt_window", None)
+        session = Session(window)  # deleted with the viewer's window
+        if window is not None:
+            session._watcher = _CloseWatcher(window, session.jobs)
+        key = id(viewer)
+        _SESSIONS[key] = (weakref.ref(viewer), session)
+        session.destroyed.connect(lambda *_: _SESSIONS.pop(key, None))
         return session
 
 
@@ -233,6 +274,8 @@ class LayerCombo(QComboBox):
                 if isinstance(lay, cls) and not (self.exclude is not None and self.exclude(lay))]
 
     def refresh(self, event=None) -> None:
+        if not alive(self):
+            return
         current = self.currentText()
         self.blockSignals(True)
         self.clear()

@@ -26,7 +26,7 @@ from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
                             QLineEdit, QListWidget, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
-from ._common import LayerCombo, Report, current_z, layer_array, session_for, show_error, show_info
+from ._common import LayerCombo, alive, Report, current_z, layer_array, session_for, show_error, show_info
 
 if TYPE_CHECKING:
     import napari
@@ -133,10 +133,11 @@ class FineTuneWidget(QWidget):
         self.result: FineTuneResult | None = None
         self.adapter_meta: dict | None = None
         self._cancel = threading.Event()
+        self.jobs.cancel_hooks.append(self._cancel.set)
         self._build()
         self.trained_step.connect(self._on_step)
         self.session.model_changed.connect(self._refresh_buttons)
-        self.jobs.started.connect(lambda _: self._refresh_buttons())
+        self.jobs.started.connect(self._refresh_buttons)
         self.jobs.idle.connect(self._refresh_buttons)
         self._refresh_buttons()
 
@@ -243,6 +244,8 @@ class FineTuneWidget(QWidget):
         lay.addStretch(1)
 
     def _refresh_buttons(self, *_) -> None:
+        if not alive(self):
+            return
         training = self.jobs.running == "train"
         have_model = self.session.segmenter is not None
         self.train_btn.setEnabled(have_model and not training)
@@ -379,6 +382,10 @@ class FineTuneWidget(QWidget):
             examples = [t for ex in self.examples for t in ex.training_examples()]
             config = config or self.config()
             config.check()
+            self.mode_combo.setCurrentText(config.mode)
+            self.steps_spin.setValue(config.steps)
+            self.rank_spin.setValue(config.lora_rank)
+            self.lr_spin.setValue(config.lr)
         except (ValueError, RuntimeError) as err:
             show_error(str(err))
             return

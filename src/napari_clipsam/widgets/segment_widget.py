@@ -25,7 +25,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
                             QMessageBox, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
-from ._common import (LayerCombo, Report, current_z, image_kind, layer_array, session_for, show_error, show_info,
+from ._common import (LayerCombo, Report, alive, current_z, image_kind, layer_array, session_for, show_error, show_info,
                       spatial_shape)
 
 if TYPE_CHECKING:
@@ -79,6 +79,15 @@ def _devices() -> list[str]:
     return out
 
 
+def _row(first: QWidget, *rest: QWidget) -> QHBoxLayout:
+    """A row: ``first`` stretched, then ``rest``."""
+    row = QHBoxLayout()
+    row.addWidget(first, 1)
+    for w in rest:
+        row.addWidget(w)
+    return row
+
+
 class SegmentWidget(QWidget):
     """Segment by text and clicks/boxes, in 2D or slice-wise in 3D (see the module docstring)."""
 
@@ -108,26 +117,13 @@ class SegmentWidget(QWidget):
         self.model_combo.addItems(_clip_models() + [LOCAL_FILE])
         self.model_combo.currentTextChanged.connect(self._refresh_model_status)
         self.model_status = QLabel()
-        row = QHBoxLayout()
-        row.addWidget(self.model_combo, 1)
-        row.addWidget(self.model_status)
-        form.addRow("model", row)
+        form.addRow("model", _row(self.model_combo, self.model_status))
         self.path_edit = QLineEdit()
         self.path_edit.setPlaceholderText("ClipSam .safetensors file")
-        browse = QPushButton("…")
-        browse.clicked.connect(lambda: self._browse(self.path_edit, "ClipSam model (*.safetensors)"))
-        row = QHBoxLayout()
-        row.addWidget(self.path_edit, 1)
-        row.addWidget(browse)
-        form.addRow("file", row)
+        form.addRow("file", self._file_row(self.path_edit, "ClipSam model (*.safetensors)"))
         self.adapter_edit = QLineEdit()
         self.adapter_edit.setPlaceholderText("optional adapter .safetensors")
-        browse = QPushButton("…")
-        browse.clicked.connect(lambda: self._browse(self.adapter_edit, "adapter (*.safetensors)"))
-        row = QHBoxLayout()
-        row.addWidget(self.adapter_edit, 1)
-        row.addWidget(browse)
-        form.addRow("adapter", row)
+        form.addRow("adapter", self._file_row(self.adapter_edit, "adapter (*.safetensors)"))
         self.device_combo = QComboBox()
         self.device_combo.addItems(_devices())
         form.addRow("device", self.device_combo)
@@ -230,10 +226,17 @@ class SegmentWidget(QWidget):
             func = actions[name]
             self.viewer.bind_key(key, lambda viewer, f=func: f(), overwrite=True)
 
-    def _browse(self, edit: QLineEdit, filt: str) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Choose a file", "", filt)
-        if path:
-            edit.setText(path)
+    def _file_row(self, edit: QLineEdit, filt: str) -> QHBoxLayout:
+        """``edit`` + a "…" button choosing a file into it."""
+        browse = QPushButton("…")
+
+        def choose() -> None:
+            path, _ = QFileDialog.getOpenFileName(self, "Choose a file", "", filt)
+            if path:
+                edit.setText(path)
+
+        browse.clicked.connect(choose)
+        return _row(edit, browse)
 
     # ------------------------------------------------------------------------------------------- model
     def _refresh_model_status(self, *_) -> None:
@@ -294,6 +297,8 @@ class SegmentWidget(QWidget):
                          desc=f"loading {source}")
 
     def _on_model_changed(self) -> None:
+        if not alive(self):
+            return
         self._embedded = None
         self.preview = None
         seg = self.session.segmenter
@@ -367,11 +372,15 @@ class SegmentWidget(QWidget):
         self._embedded = src.key
 
     def _on_image_changed(self, *_) -> None:
+        if not alive(self):
+            return
         self.preview = None
         self._show_preview()
         self.prefetch()
 
     def _on_step(self, event=None) -> None:
+        if not alive(self):
+            return
         try:
             src = self.source()
         except ValueError:
@@ -383,15 +392,20 @@ class SegmentWidget(QWidget):
             self.prefetch()
             self.update_preview()
 
-    def prefetch(self) -> None:
-        """Compute the embedding of the current image / slice in the background."""
+    def _current(self) -> tuple[Segmenter, Source] | tuple[None, None]:
+        """(segmenter, source) when both are there; a bad layer shows an error and gives (None, None)."""
         seg = self.session.segmenter
         try:
             src = self.source()
         except ValueError as err:
             show_error(str(err))
-            return
-        if seg is None or src is None or src.key == self._embedded:
+            return None, None
+        return (seg, src) if seg is not None and src is not None else (None, None)
+
+    def prefetch(self) -> None:
+        """Compute the embedding of the current image / slice in the background."""
+        seg, src = self._current()
+        if seg is None or src.key == self._embedded:
             return
         self.jobs.submit("embed", lambda report: self._ensure_image(seg, src, report), desc="embedding",
                          coalesce=True)
@@ -451,6 +465,8 @@ class SegmentWidget(QWidget):
             points.face_color = colors
 
     def _on_prompts_changed(self, event=None) -> None:
+        if not alive(self):
+            return
         action = str(getattr(event, "action", "")).lower()
         if action.endswith("ing"):  # adding/removing/changing: wait for the final event
             return
@@ -511,13 +527,8 @@ class SegmentWidget(QWidget):
     # ------------------------------------------------------------------------------------------- preview
     def update_preview(self) -> None:
         """Recompute the preview mask from the prompts (decoder only once the image is embedded)."""
-        seg = self.session.segmenter
-        try:
-            src = self.source()
-        except ValueError as err:
-            show_error(str(err))
-            return
-        if seg is None or src is None:
+        seg, src = self._current()
+        if seg is None:
             return
         text = self.text()
         if self.mode_combo.currentText() == "text-only":

@@ -1,0 +1,176 @@
+"""The Fine-tune panel, headless: examples from the sample's labels → Train → the Segment panel uses the
+adapter; Cancel leaves the weights bit for bit; examples persist to a folder; adapters round-trip."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from napari_clipsam._sample_data import sample_2d, sample_3d
+from napari_clipsam.engine.segmenter import Segmenter
+from napari_clipsam.models.clipsam import ClipSam, tiny_config
+from napari_clipsam.models.registry import load_model, model_status
+from napari_clipsam.training.finetune import ADAPTER_ATTR, FineTuneConfig
+
+pytestmark = pytest.mark.gui
+
+
+def _add(viewer, layers):
+    return [getattr(viewer, f"add_{kind}")(data, **kw) for data, kw, kind in layers]
+
+
+def _wait(qtbot, widget, timeout=300_000):
+    qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=timeout)
+
+
+def _model() -> ClipSam:
+    """The demo model when built (what users fine-tune), else a tiny random one."""
+    if model_status("demo") != "not built":
+        return load_model("demo")
+    torch.manual_seed(0)
+    return ClipSam(tiny_config())
+
+
+def _state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _panels(viewer, qtbot, model):
+    from napari_clipsam.widgets._common import session_for
+    from napari_clipsam.widgets.finetune_widget import FineTuneWidget
+    from napari_clipsam.widgets.segment_widget import SegmentWidget
+
+    seg_panel = SegmentWidget(viewer)
+    ft_panel = FineTuneWidget(viewer)
+    viewer.window.add_dock_widget(seg_panel, name="Segment (text + clicks)")
+    viewer.window.add_dock_widget(ft_panel, name="Fine-tune")
+    session_for(viewer).set_segmenter(Segmenter(model), "demo")
+    _wait(qtbot, seg_panel)
+    return seg_panel, ft_panel
+
+
+def _quick(steps: int) -> FineTuneConfig:
+    return FineTuneConfig(mode="both", steps=steps, lora_rank=4, augment_pool=2, val_every=2, patience=0,
+                          val_max_instances=4)
+
+
+def test_train_cancel_save_load(make_napari_viewer, qtbot, tmp_path):
+    from qtpy.QtCore import QTimer
+
+    viewer = make_napari_viewer(show=True)
+    image, labels = _add(viewer, sample_2d())
+    model = _model()
+    seg_panel, panel = _panels(viewer, qtbot, model)
+    base = _state(model)
+
+    # an example: the sample's nuclei (the Labels layer names its classes: only nucleus ids are used)
+    panel.image_combo.setCurrentText(image.name)
+    panel.labels_combo.setCurrentText(labels.name)
+    panel.text_edit.setText("nucleus")
+    panel.folder_edit.setText(str(tmp_path / "examples"))
+    ex = panel.add_example()
+    nuclei = [i for i, c in labels.metadata["classes"].items() if c == "nucleus"]
+    assert ex is not None and set(np.unique(ex.labels)) - {0} == set(nuclei)
+    assert panel.example_list.count() == 1
+    assert (tmp_path / "examples" / "examples.json").is_file()
+
+    # Cancel: the model is unchanged, bit for bit
+    panel.steps_spin.setValue(500)
+    panel.train()
+    qtbot.waitUntil(lambda: panel.progress.value() >= 1, timeout=120_000)
+    panel.cancel()
+    _wait(qtbot, panel)
+    assert panel.result is not None and panel.result.cancelled
+    after = _state(model)
+    assert after.keys() == base.keys() and all(torch.equal(after[k], base[k]) for k in base)
+    assert getattr(model, ADAPTER_ATTR, None) is None
+
+    # Train a few steps while a QTimer keeps ticking (the UI is live); live plot and progress
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(20)
+    t0 = time.perf_counter()
+    panel.train(_quick(4))
+    _wait(qtbot, panel)
+    timer.stop()
+    seconds = time.perf_counter() - t0
+    gaps = np.diff([t0, *ticks])
+    # the event loop kept running all through training (a blocked UI would show one gap ≈ the run)
+    assert len(ticks) >= seconds / 0.25 and gaps.max() < min(2.0, 0.5 * seconds), (len(ticks), seconds, gaps.max())
+    result = panel.result
+    assert result is not None and not result.cancelled and result.steps == 4
+    assert panel.progress.value() == 4 and len(panel.plot.loss) >= 1 and len(panel.plot.val) >= 1
+    info = getattr(model, ADAPTER_ATTR)
+    assert info["texts"] == ["nucleus"]
+    from test_segment_widget import screenshot
+
+    screenshot(viewer, "finetune_panel", tmp_path)
+
+    # the Segment panel uses the adapted model at once (same object, fresh embedding)
+    assert seg_panel.session.segmenter.model is model
+    assert "adapter" in seg_panel.model_info.text()
+    seg_panel.ensure_prompt_layers()[0].add([[60, 60]])
+    _wait(qtbot, seg_panel)
+    fresh = Segmenter(model)
+    fresh.set_image(image.data)
+    mask, _ = fresh.predict(points=[[60, 60]], labels=[1])
+    assert np.array_equal(seg_panel.preview, mask)
+
+    # Save adapter… / Load adapter… round-trip (onto a fresh copy of the base)
+    path = panel.save_adapter(tmp_path / "nuclei.safetensors")
+    assert path is not None and path.is_file()
+    trained = _state(model)
+    from napari_clipsam.training.adapter_file import remove_adapter
+
+    remove_adapter(model)
+    panel.session.weights_changed()
+    panel.load_adapter(path)
+    _wait(qtbot, panel)
+    assert panel.adapter_meta["texts"] == ["nucleus"]
+    assert "texts: nucleus" in panel.meta_label.text() and "validation IoU" in panel.meta_label.text()
+    reloaded = _state(model)
+    assert reloaded.keys() == trained.keys() and all(torch.equal(reloaded[k], trained[k]) for k in trained)
+
+    # the example folder resumes in a new panel
+    from napari_clipsam.widgets.finetune_widget import FineTuneWidget
+
+    other = FineTuneWidget(viewer)
+    assert other.open_folder(tmp_path / "examples") == 1
+    assert np.array_equal(other.examples[0].labels, ex.labels) and other.examples[0].text == "nucleus"
+    other.remove_example(0)
+    assert not any(p.suffix == ".tif" for p in (tmp_path / "examples").iterdir())
+    other.deleteLater()
+
+
+def test_volume_slice_example_and_errors(make_napari_viewer, qtbot):
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    viewer = make_napari_viewer()
+    image, labels = _add(viewer, sample_3d())
+    torch.manual_seed(0)
+    _, panel = _panels(viewer, qtbot, ClipSam(tiny_config()))
+    panel.image_combo.setCurrentText(image.name)
+    panel.labels_combo.setCurrentText(labels.name)
+    panel.text_edit.setText("nucleus")
+    nuc = [i for i, c in labels.metadata["classes"].items() if c == "nucleus"]
+    z = int(np.flatnonzero(np.isin(labels.data, nuc).any((1, 2)))[0])
+    viewer.dims.set_current_step(0, z)
+    ex = panel.add_example()
+    assert ex.z == z and ex.image.shape == image.data.shape[1:]
+    panel.scope_combo.setCurrentIndex(1)
+    ex3 = panel.add_example()
+    assert ex3.z is None and ex3.labels.ndim == 3 and len(ex3.training_examples()) > 1
+
+    # a slice without the class: a clear message, no example
+    empty = [k for k in range(labels.data.shape[0]) if not np.isin(labels.data[k], nuc).any()]
+    panel.scope_combo.setCurrentIndex(0)
+    if empty:
+        viewer.dims.set_current_step(0, empty[0])
+        assert panel.add_example() is None
+        errors = [n.message for n in notification_manager.records if n.severity == NotificationSeverity.ERROR]
+        assert "labels are all zero" in errors[-1]
+    assert len(panel.examples) == 2
