@@ -2,7 +2,8 @@
 
 import os
 
-os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+if not os.environ.get("DISPLAY"):  # under xvfb-run (CI) Qt uses the X server and renders OpenGL
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import pytest
 import torch
