@@ -395,3 +395,28 @@ def _small_linear_file(tmp_path: Path) -> Path:
     p = tmp_path / "linear.bin"
     torch.save(torch.nn.Linear(2, 2).state_dict(), p)
     return p
+
+
+def test_build_clipsam_from_sam_file_and_clip(tmp_path, monkeypatch):
+    """load_model((sam, clip)) joins a SAM checkpoint file and a registered CLIP into a ClipSam whose
+    SAM weights are the file's."""
+    import torch
+
+    from napari_clipsam.models import registry
+    from napari_clipsam.models.clip_parts import build_clip, tiny_clip_config
+    from napari_clipsam.models.clipsam import ClipSam
+    from napari_clipsam.models.sam_parts import build_sam
+
+    torch.manual_seed(0)
+    sam = build_sam("tiny")
+    path = tmp_path / "sam_tiny.pth"
+    torch.save(sam.state_dict(), path)
+    clip = build_clip(tiny_clip_config())
+    monkeypatch.setattr(registry, "load_clip", lambda name, progress=False: clip)
+    model = registry.load_model((str(path), "clip_vit_b16_openai"), strategy="ssp")
+    assert isinstance(model, ClipSam) and model.config.strategy == "ssp"
+    assert model.config.sam.encoder_embed_dim == 32
+    for k, v in sam.state_dict().items():
+        assert torch.equal(model.sam.state_dict()[k], v)
+    with pytest.raises(ValueError, match="not a CLIP"):
+        registry.build_clipsam(str(path), "vit_b")

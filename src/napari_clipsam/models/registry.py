@@ -505,8 +505,12 @@ def load_model(name_or_path: PathLike, **kwargs: Any) -> Any:
     Registered names dispatch on their kind: ``sam`` -> segment-anything ``Sam``,
     ``clip`` -> ``(model, tokenizer)``, ``clipsam`` (the bundled ``demo``) -> ``ClipSam``.
     A path to a ``.safetensors`` file written by ``ClipSam.save`` gives a ``ClipSam``; any other
-    path is read as a SAM checkpoint. ``kwargs`` go to the loader.
+    path is read as a SAM checkpoint. A pair ``(sam, clip)`` such as
+    ``("vit_b_lm", "clip_vit_b16_openai")`` builds a ClipSam from real weights
+    (:func:`build_clipsam`). ``kwargs`` go to the loader.
     """
+    if isinstance(name_or_path, (tuple, list)):
+        return build_clipsam(*name_or_path, **kwargs)
     name = os.fspath(name_or_path)
     entry = MODELS.get(name)
     if entry is None:
@@ -519,6 +523,33 @@ def load_model(name_or_path: PathLike, **kwargs: Any) -> Any:
     if entry.kind == "clip":
         return load_clip(name, **kwargs)
     return _load_clipsam(fetch(name), **kwargs)
+
+
+def build_clipsam(sam: PathLike = "vit_b_lm", clip: str = "clip_vit_b16_openai", strategy: str = "adapter",
+                  strategy_options: dict | None = None, progress: Any = False) -> Any:
+    """A ``ClipSam`` from real weights: a SAM checkpoint (registry name or file) and a registered
+    CLIP, joined by a fresh conditioning ``strategy`` (adapters start as the identity, so text
+    becomes useful after fine-tuning or with a shared adapter file)."""
+    from .clip_parts import ClipConfig
+    from .clipsam import ClipSam, ClipSamConfig
+    from .sam_parts import SamConfig, sam_config_of
+
+    clip_entry = get_entry(clip)
+    if clip_entry.kind != "clip":
+        raise ValueError(f"{clip!r} is a {clip_entry.kind} model, not a CLIP: see `napari-clipsam models list`")
+    sam_model = load_sam_checkpoint(sam, progress=progress)
+    sam_entry = MODELS.get(os.fspath(sam))
+    if sam_entry is not None:
+        sam_config: SamConfig = sam_config_of(sam_entry.sam_arch)
+    else:
+        from .checkpoints import infer_sam_config
+
+        sam_config = infer_sam_config(sam_model.state_dict())
+    # OpenAI's CLIP uses QuickGELU: name it so a saved model rebuilds with the same activation.
+    model_name = clip_entry.open_clip_model + ("-quickgelu" if clip_entry.quick_gelu else "")
+    config = ClipSamConfig(sam=sam_config, clip=ClipConfig(model_name=model_name), strategy=strategy,
+                           strategy_options=dict(strategy_options or {}))
+    return ClipSam(config, sam=sam_model, clip=load_clip(clip, progress=progress))
 
 
 def _safetensors_format(path: Path) -> str | None:
