@@ -45,6 +45,46 @@ class VolumeSegmentation:
     slice_scores: np.ndarray | None = None
 
 
+def volume_limits(volume, channel_axis: int | None = None, channels: Sequence[int] | None = None,
+                  percentiles: tuple[float, float] = (1.0, 99.8)) -> np.ndarray:
+    """Per-channel (C, 2) intensity limits of a (Z, Y, X[, C]) volume from at most ~16 evenly
+    spread slices; ``volume`` only needs ``shape`` and ``volume[z]`` (a lazy zarr/dask array works:
+    only the sampled slices are read). ``channel_axis`` is the axis of a slice ``volume[z]``."""
+    nz = int(volume.shape[0])
+    step = max(1, nz // 16)
+    sample = np.stack([_channels_last(np.asarray(volume[z]), channel_axis, channels) for z in range(0, nz, step)])
+    limits = channel_limits(sample, percentiles)
+    if np.isnan(limits).all():
+        raise ValueError("volume is all NaN")
+    return limits
+
+
+def link_slice(prev: np.ndarray | None, labels: np.ndarray, scores: dict[int, float], next_id: int,
+               link_overlap: float = 0.5) -> tuple[np.ndarray, int]:
+    """Link one slice's instances to the previous slice's 3D ids.
+
+    prev: (Y, X) 3D ids of the previous slice (None for the first); labels: (Y, X) this slice's
+    ids 1..K with ``scores`` {id: score}. Ids are matched one to one (Hungarian assignment) by
+    overlap = intersection / the smaller area; pairs with overlap ≥ ``link_overlap`` share the 3D
+    id, the others get new ids from ``next_id``. Returns (lut (K+1,) uint32 mapping slice ids to
+    3D ids, next free id).
+    """
+    lut = np.zeros(len(scores) + 1, np.uint32)
+    taken: set[int] = set()
+    if prev is not None and scores and prev.any():
+        ids_a, ids_b, overlap = label_overlap(prev, labels, metric="min")
+        rows, cols = linear_sum_assignment(-overlap)
+        for r, c in zip(rows, cols):
+            if overlap[r, c] >= link_overlap:
+                lut[ids_b[c]] = ids_a[r]
+                taken.add(int(ids_b[c]))
+    for k in scores:
+        if k not in taken:
+            lut[k] = next_id
+            next_id += 1
+    return lut, next_id
+
+
 class NormalizedVolume:
     """Lazy per-slice normalisation of a (Z, Y, X) or, with ``channel_axis``, (Z, Y, X, C) volume."""
 
@@ -63,11 +103,7 @@ class NormalizedVolume:
         self.volume = vol
         self.channel_axis = -1 if channel_axis is not None else None
         self.channels = channels
-        step = max(1, len(vol) // 16)  # limits from at most ~16 evenly spread slices
-        sample = np.stack([_channels_last(vol[z], self.channel_axis, channels) for z in range(0, len(vol), step)])
-        self.limits = channel_limits(sample, percentiles)
-        if np.isnan(self.limits).all():
-            raise ValueError("volume is all NaN")
+        self.limits = volume_limits(vol, self.channel_axis, channels, percentiles)
 
     def __len__(self) -> int:
         return len(self.volume)
@@ -165,19 +201,8 @@ def link_text(seg: "Segmenter", volume: np.ndarray | NormalizedVolume, text: str
     for z in range(nz):
         seg.set_normalized(vol[z], embed=False)
         res = seg.segment_text(text, **segment_kwargs)
-        lut = np.zeros(len(res.scores) + 1, np.uint32)
-        taken: set[int] = set()
-        if prev is not None and res.scores and prev.any():
-            ids_a, ids_b, overlap = label_overlap(prev, res.labels, metric="min")
-            rows, cols = linear_sum_assignment(-overlap)
-            for r, c in zip(rows, cols):
-                if overlap[r, c] >= link_overlap:
-                    lut[ids_b[c]] = ids_a[r]
-                    taken.add(int(ids_b[c]))
+        lut, next_id = link_slice(prev, res.labels, res.scores, next_id, link_overlap)
         for k, s in res.scores.items():
-            if k not in taken:
-                lut[k] = next_id
-                next_id += 1
             per_id.setdefault(int(lut[k]), []).append(s)
         out[z] = lut[res.labels]
         counts[z] = len(res.scores)
@@ -202,4 +227,5 @@ def segment_volume(seg: "Segmenter", volume: np.ndarray, z: int | None = None, p
     return link_text(seg, vol, text, **kwargs)
 
 
-__all__ = ["NormalizedVolume", "VolumeSegmentation", "link_text", "mask_prompts", "propagate", "segment_volume"]
+__all__ = ["NormalizedVolume", "VolumeSegmentation", "link_slice", "link_text", "mask_prompts", "propagate",
+           "segment_volume", "volume_limits"]
