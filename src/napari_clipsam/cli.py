@@ -419,6 +419,8 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--scheduler", metavar="ADDRESS|local|threads",
                        help="run the batch with Dask: a scheduler address, 'local' (a local cluster) or "
                             "'threads' (default: one file after another in this process)")
+        p.add_argument("--workers", type=int, default=2, metavar="N",
+                       help="with --scheduler local: worker processes; threads: worker threads (default 2)")
 
 
 def _input_kind(path: Path, shape: tuple[int, ...], args: argparse.Namespace) -> str:
