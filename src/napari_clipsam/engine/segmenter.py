@@ -29,6 +29,7 @@ import torch
 
 from ..models.clipsam import ClipSam, Encoded, ImageFeatures, Prompts
 from ..models.conditioning import pseudo_prompts
+from ..models.fast import enable_fast_path, fast_inference
 from .cache import EmbeddingCache, WeightsFingerprint, digest
 from .instances import Instances, mask_nms, paint_labels
 from .preprocess import Frame, frame_for, mask_to_prompt, normalize_image, postprocess_logits, to_model_input
@@ -114,15 +115,20 @@ class Segmenter:
             input); 0: never tile; an int: tile whenever a side exceeds it.
         halo: overlap margin per tile side (default ``tile_size // 8``).
         progress: default ``progress(done, total, message)`` callback.
+        fast: use the inference fast path (:mod:`napari_clipsam.models.fast`); None: on unless
+            ``NAPARI_CLIPSAM_FAST=0``. It modifies ``model`` in place (same weights and keys).
     """
 
     def __init__(self, model: ClipSam, device: str | torch.device | None = None,
                  cache: EmbeddingCache | None = None, tile_size: int | None = None,
-                 halo: int | None = None, progress: Progress | None = None):
+                 halo: int | None = None, progress: Progress | None = None, fast: bool | None = None):
         if not isinstance(model, ClipSam):
             raise ValueError(f"Segmenter needs a ClipSam model, got {type(model).__name__}")
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
+        # SDPA attention (+ bf16/fp16 autocast where the hardware runs it natively); exact to
+        # ~1e-6 in fp32. fast=False or NAPARI_CLIPSAM_FAST=0 keeps segment-anything's modules.
+        self.fast_path = enable_fast_path(self.model, enabled=fast)
         self.cache = cache if cache is not None else EmbeddingCache()
         if tile_size is not None and tile_size != 0 and tile_size < 16:
             raise ValueError(f"tile_size={tile_size} is too small: use 0 (no tiling), None (auto) or >= 16")
@@ -280,7 +286,7 @@ class Segmenter:
     def _cached(self, key: str, compute: Callable[[], ImageFeatures | Encoded]) -> dict[str, torch.Tensor]:
         entry = self.cache.get(key)
         if entry is None:
-            with torch.no_grad():
+            with fast_inference(self.model):
                 entry = _as_entry(compute())
             self.cache.put(key, entry)
         return {k: v.to(self.device) for k, v in entry.items()}
@@ -381,7 +387,7 @@ class Segmenter:
             kw["boxes"] = torch.from_numpy(view.frame.to_input((box.reshape(2, 2) - view.offset)).reshape(1, 4))
         if mask_input is not None:
             kw["masks"] = mask_to_prompt(mask_input[y0:y1, x0:x1], view.frame, self.model.mask_size)
-        with torch.no_grad():
+        with fast_inference(self.model):
             low, iou = self.model.decode(enc, Prompts(torch.zeros(1), **kw), multimask)
             logits = postprocess_logits(low, view.frame)[0]
         return logits, iou[0]
@@ -489,7 +495,7 @@ class Segmenter:
         """Instances (image coordinates) and the (h, w) probability map of one view."""
         enc = self._encoded(view, text)
         s, m, frame = self.model.img_size, self.model.mask_size, view.frame
-        with torch.no_grad():
+        with fast_inference(self.model):
             sem = self.model.semantic_logits(enc)
             prob = torch.sigmoid(postprocess_logits(sem, frame))[0, 0].cpu().numpy()
         low = torch.sigmoid(sem)[0, 0].cpu().numpy()
@@ -504,7 +510,7 @@ class Segmenter:
         region = torch.from_numpy(pp.masks[:, None].astype(np.float32))
         prompts = Prompts(torch.zeros(len(pp)), points=pts, labels=torch.ones(len(pp), 1),
                           masks=(region * 2 - 1) * 8.0)
-        with torch.no_grad():
+        with fast_inference(self.model):
             low_masks, iou = self.model.decode(enc, prompts)
             # Each instance stays near its region: a decoder that wanders onto neighbours of the
             # same concept would otherwise return their union for every prompt.
@@ -513,7 +519,7 @@ class Segmenter:
         y0, x0 = view.tile.window[:2]
         out = []
         for c in range(0, len(pp), _DECODE_CHUNK):
-            with torch.no_grad():
+            with fast_inference(self.model):
                 masks = postprocess_logits(low_masks[c : c + _DECODE_CHUNK], frame)[:, 0] > 0
             out.append(Instances.from_dense(masks.cpu().numpy(), iou[c : c + _DECODE_CHUNK, 0].clamp(0, 1).cpu().numpy(),
                                             offset=(y0, x0), source=source))
