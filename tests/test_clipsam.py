@@ -235,3 +235,20 @@ def test_save_load_roundtrip_and_corrupt(tmp_path):
         ClipSam.load(tmp_path / "cut.safetensors")
     with pytest.raises(FileNotFoundError):
         ClipSam.load(tmp_path / "missing.safetensors")
+
+
+def test_text_features_match_open_clip_encode_text():
+    """Our single truncated pass (templates averaged, empty text subtracted) equals open_clip's
+    full-length ``encode_text`` computation."""
+    import torch.nn.functional as F
+
+    m = _model("adapter")
+    sem, clip, tok = m.semantics, m.semantics.clip, m.semantics.tokenizer
+    texts = ["nucleus", "a much longer mitochondrial network"]
+    with torch.no_grad():
+        got = sem.text_features(texts)
+        for i, x in enumerate(texts):
+            e = F.normalize(clip.encode_text(tok([t.format(x) for t in sem.templates])), dim=-1).mean(0)
+            e = e - F.normalize(clip.encode_text(tok([t.format("").strip() for t in sem.templates])), dim=-1).mean(0)
+            torch.testing.assert_close(got.embedding[i], F.normalize(e, dim=-1), rtol=1e-5, atol=1e-6)
+    assert got.token_mask[0].sum() == len("nucleus") + 2  # start + characters + end

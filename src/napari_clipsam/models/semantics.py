@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
 from torch import nn
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -79,36 +80,60 @@ class ClipSemantics(nn.Module):
 
     def clear_cache(self) -> None:
         self._text_cache.clear()
+        self._empty = None
 
     def _device(self) -> torch.device:
         return self.mean.device
 
     # ---- text ---------------------------------------------------------------------------------
-    def _encode_raw(self, texts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(texts).to(self._device())
-        return F.normalize(self.clip.encode_text(ids).float(), dim=-1)
+    def _text_tower(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass of CLIP's text tower → (token features (T, L, W), token mask (T, L),
+        unit embeddings (T, D)).
 
-    def _token_features(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        With a causal mask (CLIP's text tower) later positions never affect earlier ones, so the
+        padding after the longest text is cut off: the same numbers for a fraction of the cost.
+        """
         ids = self.tokenizer(texts).to(self._device())
         m = self.clip
-        if hasattr(m, "token_embedding"):
-            x = m.token_embedding(ids) + m.positional_embedding
-            x = m.transformer(x, attn_mask=m.attn_mask)
-            x = m.ln_final(x)
-            mask = ids != 0
-            return x.float(), mask
-        # Towers without per-token access (e.g. HF text encoders): the pooled embedding as one token.
-        pooled = m.encode_text(ids).float()
-        return pooled[:, None], torch.ones(len(texts), 1, dtype=torch.bool, device=pooled.device)
+        if not hasattr(m, "token_embedding"):
+            # Towers without per-token access (e.g. HF text encoders): the pooled embedding as one token.
+            pooled = m.encode_text(ids).float()
+            ones = torch.ones(len(texts), 1, dtype=torch.bool, device=pooled.device)
+            return pooled[:, None], ones, F.normalize(pooled, dim=-1)
+        attn_mask = m.attn_mask
+        if attn_mask is not None:
+            length = int((ids != 0).any(0).nonzero().max()) + 1
+            ids, attn_mask = ids[:, :length], attn_mask[:length, :length]
+        x = m.token_embedding(ids) + m.positional_embedding[: ids.shape[1]]
+        x = m.ln_final(m.transformer(x, attn_mask=attn_mask))
+        pooled = text_global_pool(x, ids, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        proj = m.text_projection
+        if proj is not None:
+            pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+        return x.float(), ids != 0, F.normalize(pooled.float(), dim=-1)
+
+    def _empty_embedding(self) -> torch.Tensor:
+        """Mean embedding (D,) of the templates filled with nothing (CLIP Surgery's redundancy)."""
+        cached = None if (self.trainable or self.training) else getattr(self, "_empty", None)
+        if cached is None:
+            cached = self._text_tower([t.format("").strip() for t in self.templates])[2].mean(0)
+            if not (self.trainable or self.training):
+                self._empty = cached
+        return cached
 
     def _compute_texts(self, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Embeddings and token features of several texts in one pass per template set."""
+        """Embeddings and token features of several texts in one text-tower pass."""
         n, k = len(texts), len(self.templates)
-        emb = self._encode_raw([t.format(x) for x in texts for t in self.templates]).view(n, k, -1).mean(1)
+        tokens, mask, emb = self._text_tower([t.format(x) for x in texts for t in self.templates])
+        emb = emb.view(n, k, -1).mean(1)
         if self.surgery:
-            emb = emb - self._encode_raw([t.format("").strip() for t in self.templates]).mean(0, keepdim=True)
+            emb = emb - self._empty_embedding()
         emb = F.normalize(emb, dim=-1)
-        tokens, mask = self._token_features(texts)
+        if "{}" in self.templates:  # the plain text's pass gives its token features
+            j = self.templates.index("{}")
+            tokens, mask = tokens.view(n, k, *tokens.shape[1:])[:, j], mask.view(n, k, -1)[:, j]
+        else:
+            tokens, mask, _ = self._text_tower(list(texts))
         return [(emb[i], tokens[i], mask[i]) for i in range(n)]
 
     def text_features(self, texts: Sequence[str]) -> TextFeatures:
