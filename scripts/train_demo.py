@@ -12,9 +12,12 @@ product decodes:
   that instance (the instance step of ``segment_text``);
 - clicks / box → one instance (manual mode).
 
-Deterministic given ``--seed`` (single process; same torch build). Usage::
+Deterministic given ``--seed`` (single process; same torch build). The shipped demo was made in
+two stages (recorded in its metadata under ``stages``)::
 
-    python scripts/train_demo.py --steps 2000 --out src/napari_clipsam/weights/demo.safetensors
+    python scripts/train_demo.py --steps 2000 --seed 0 --threads 1 --out stage1.safetensors
+    python scripts/train_demo.py --steps 1200 --seed 1 --lr 5e-4 --threads 1 --init stage1.safetensors \
+        --out src/napari_clipsam/weights/demo.safetensors
 """
 
 from __future__ import annotations
@@ -155,10 +158,12 @@ class _View:
         return self._tf(self._s.instance_labels(c))
 
 
-def train(steps: int, batch: int, seed: int, pool_size: int, lr: float, out: Path | None, log_every: int = 50) -> ClipSam:
+def train(steps: int, batch: int, seed: int, pool_size: int, lr: float, out: Path | None, log_every: int = 50,
+          init: Path | None = None) -> ClipSam:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = ClipSam(demo_config())
+    model = ClipSam(demo_config()) if init is None else ClipSam.load(init)
+    stages = list(model.file_metadata.get("stages", [])) if init is not None else []
     model.semantics.clip.requires_grad_(True)  # from scratch: the text tower learns the words
     model.train()
     m, size = model.mask_size, model.img_size
@@ -205,8 +210,11 @@ def train(steps: int, batch: int, seed: int, pool_size: int, lr: float, out: Pat
     model.semantics.clear_cache()
     train_s = time.time() - t0
     if out is not None:
+        stages.append({"seed": seed, "steps": steps, "batch": batch, "pool_size": pool_size, "lr": lr,
+                       "train_seconds": round(train_s, 1), "init": "previous stage" if init is not None else "random"})
         meta = {"name": "demo", "trained_by": "scripts/train_demo.py", "seed": seed, "steps": steps, "batch": batch,
-                "pool_size": pool_size, "lr": lr, "train_seconds": round(train_s, 1), "concepts": list(CONCEPTS),
+                "pool_size": pool_size, "lr": lr, "train_seconds": round(sum(st["train_seconds"] for st in stages), 1),
+                "stages": stages, "concepts": list(CONCEPTS),
                 "synonyms": {k: list(v) for k, v in SYNONYMS.items()}, "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "data": "napari_clipsam.data.synthetic.make_image seeds < 100000"}
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -224,11 +232,13 @@ def main(argv=None) -> None:
     ap.add_argument("--pool", type=int, default=600, help="number of distinct training images")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init", type=Path, default=None,
+                    help="continue from a model written by an earlier stage (new seed, new schedule)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "src/napari_clipsam/weights/demo.safetensors")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    train(args.steps, args.batch, args.seed, args.pool, args.lr, args.out)
+    train(args.steps, args.batch, args.seed, args.pool, args.lr, args.out, init=args.init)
 
 
 if __name__ == "__main__":
