@@ -14,13 +14,14 @@ output exists.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -121,6 +122,19 @@ def open_lazy(source: Any) -> Any:
         return node if hasattr(node, "shape") else _ome_level0(node)
     except Exception as err:  # tifffile/zarr raise many types for unreadable files
         raise ValueError(f"cannot read {path} as a TIFF or zarr image: {str(err) or type(err).__name__}") from err
+
+
+@contextlib.contextmanager
+def lazy_array(source: Any) -> Iterator[Any]:
+    """:func:`open_lazy` as a context: a file opened here is closed on exit."""
+    arr = open_lazy(source)
+    try:
+        yield arr
+    finally:
+        if isinstance(source, (str, os.PathLike)):
+            close = getattr(getattr(arr, "store", None), "close", None)
+            if close is not None:
+                close()
 
 
 def labels_dtype(max_id: int) -> np.dtype:
@@ -253,5 +267,5 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["LABELS_SUFFIX", "SliceStore", "expand_inputs", "is_zarr_dir", "labels_dtype", "open_lazy",
+__all__ = ["LABELS_SUFFIX", "SliceStore", "expand_inputs", "is_zarr_dir", "labels_dtype", "lazy_array", "open_lazy",
            "output_for", "write_labels"]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .io import open_lazy
+from .io import lazy_array, open_lazy
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,10 @@ def segment_lazy(data: Any, text: str, *, segmenter=None, model: str | os.PathLi
     from ..engine.volume import link_slice, volume_limits
     from .run import _kind, _slice_axis
 
+    if isinstance(data, (str, os.PathLike)):  # a file: opened lazily here, closed when done
+        options = {k: v for k, v in locals().items() if k in _OPTIONS}
+        with lazy_array(data) as arr:
+            return segment_lazy(arr, text, **options)
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"text must name a concept, e.g. 'nucleus', got {text!r}")
     text = text.strip()
@@ -156,6 +160,10 @@ def segment_lazy(data: Any, text: str, *, segmenter=None, model: str | os.PathLi
         finally:
             client.cancel([f for f in futures if not f.done()])
     return result(True)
+
+
+_OPTIONS = ("segmenter", "model", "adapter", "volume", "channel_axis", "channels", "out", "overwrite", "scheduler",
+            "n_workers", "threshold", "min_area", "min_score", "link_overlap", "progress", "should_stop")
 
 
 def _is_dask(arr) -> bool:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .io import SliceStore, expand_inputs, labels_dtype, open_lazy, output_for, write_labels
+from .io import SliceStore, expand_inputs, labels_dtype, lazy_array, output_for, write_labels
 from .worker import ModelSpec, segment_image_file, segment_slice
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,9 @@ Progress = Callable[[int, int, str], None]
 @dataclass
 class FileResult:
     """One input: status "done" (written now), "skipped" (output existed), "failed" or
-    "cancelled"; ``objects``: number of objects written; ``slices_computed``/``slices_reused``
-    for volumes."""
+    "cancelled"; ``objects``: number of objects written; ``seconds``: from the start of the
+    batch until this output was written; ``slices_computed``/``slices_reused``: volume slices
+    segmented in this run / kept from an interrupted earlier run."""
 
     input: Path
     output: Path
@@ -195,9 +196,9 @@ def _plan(inputs, output_dir, outputs, fmt) -> list[tuple[Path, Path]]:
 class _Volume:
     """Client-side state of one volume: its slice tasks, then linking and writing."""
 
-    def __init__(self, index: int, source: Path, output: Path, arr, limits: np.ndarray, meta: dict):
-        self.index, self.source, self.output = index, source, output
-        self.shape = tuple(int(s) for s in arr.shape[:3])
+    def __init__(self, output: Path, shape: tuple[int, ...], limits: np.ndarray, meta: dict):
+        self.output = output
+        self.shape = tuple(int(s) for s in shape[:3])
         self.limits = limits
         self.store = SliceStore(output)
         self.store.open(self.shape, meta)
@@ -284,12 +285,12 @@ def segment_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike, outpu
     with dask_client(scheduler, n_workers, threads_per_worker) as client:
         _ship(client, spec, ship)
         futures: dict[Any, tuple[FileResult, _Volume | None]] = {}
-        volumes: list[_Volume] = []
         start = time.perf_counter()
         for r in todo:
             try:
-                arr = open_lazy(r.input)
-                kind = _kind(tuple(arr.shape), volume, channel_axis)
+                with lazy_array(r.input) as arr:
+                    shape = tuple(arr.shape)
+                kind = _kind(shape, volume, channel_axis)
             except ValueError as err:
                 r.status, r.message = "failed", str(err)
                 continue
@@ -302,16 +303,16 @@ def segment_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike, outpu
             try:
                 from ..engine.volume import volume_limits
 
-                ca = _slice_axis(channel_axis, len(arr.shape))
+                ca = _slice_axis(channel_axis, len(shape))
                 params = {**base, "channel_axis": ca}
-                limits = volume_limits(arr, ca, channels)
-                meta = {"input": str(r.input), "shape": list(arr.shape), "text": text, "model": spec.key,
-                        "params": {k: v for k, v in params.items()}, "mtime": os.stat(r.input).st_mtime_ns}
-                vol = _Volume(len(volumes), r.input, r.output, arr, limits, meta)
+                with lazy_array(r.input) as arr:
+                    limits = volume_limits(arr, ca, channels)
+                meta = {"input": str(r.input), "shape": list(shape), "text": text, "model": spec.key,
+                        "params": params, "mtime": os.stat(r.input).st_mtime_ns}
+                vol = _Volume(r.output, shape, limits, meta)
             except Exception as err:  # an unreadable file fails alone
                 r.status, r.message = "failed", _message(err)
                 continue
-            volumes.append(vol)
             r.slices_reused = len(vol.reused)
             for z in vol.todo:
                 f = client.submit(segment_slice, spec, str(r.input), z, limits, text, params, str(r.output),

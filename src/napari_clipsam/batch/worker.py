@@ -12,6 +12,7 @@ Threads of one worker share the loaded model; each thread gets its own :class:`S
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -28,8 +29,9 @@ _LOCK = threading.Lock()
 _MODELS: dict[str, Any] = {}  # spec.key → ClipSam, loaded once per process
 _LOCAL = threading.local()  # .segmenters: {spec.key: Segmenter} per thread
 _SHIPPED: dict[str, str] = {}  # content hash → local path of a file shipped by plugin.ModelFiles
-#: Embedding-cache size of each worker thread's segmenter (a batch sees each image once).
-CACHE_BYTES = 256 << 20
+#: Embedding-cache size of each worker thread's segmenter. A batch sees each image once, so the
+#: cache only serves within one task and is emptied after it (memory stays flat over many slices).
+CACHE_BYTES = 64 << 20
 
 
 def file_hash(path: str | os.PathLike) -> str:
@@ -153,13 +155,15 @@ def _text_params(params: dict) -> dict:
 
 def segment_image(spec: ModelSpec, source: Any, text: str, params: dict) -> tuple[np.ndarray, dict[int, float]]:
     """One 2D image (a path or an array) → ((H, W) uint32 labels, {id: score})."""
-    from .io import open_lazy
+    from .io import lazy_array
 
-    image = np.asarray(open_lazy(source)[...])
+    with lazy_array(source) as arr:
+        image = np.asarray(arr[...])
     seg = get_segmenter(spec)
     seg.set_image(image, channel_axis=params.get("channel_axis"), channels=params.get("channels"))
     res = seg.segment_text(text, **_text_params(params))
     seg.reset_image()
+    seg.cache.clear()
     return res.labels, res.scores
 
 
@@ -174,6 +178,22 @@ def segment_image_file(spec: ModelSpec, source: Any, output: str, text: str, par
     return {"objects": len(scores), "shape": tuple(labels.shape)}
 
 
+@functools.lru_cache(maxsize=4)
+def _open_file(path: str, mtime_ns: int):
+    from .io import open_lazy
+
+    return open_lazy(path)
+
+
+def _open(source: Any):
+    """A lazy array for ``source``; a volume file is opened once per process (not per slice)."""
+    if isinstance(source, (str, os.PathLike)):
+        return _open_file(os.fspath(source), os.stat(source).st_mtime_ns)
+    from .io import open_lazy
+
+    return open_lazy(source)
+
+
 def segment_slice(spec: ModelSpec, source: Any, z: int | None, limits: np.ndarray, text: str, params: dict,
                   store_output: str | None = None) -> dict[int, float] | tuple[np.ndarray, dict[int, float]]:
     """Task: text instances of one volume slice, normalised with the volume's ``limits``.
@@ -183,15 +203,16 @@ def segment_slice(spec: ModelSpec, source: Any, z: int | None, limits: np.ndarra
     :class:`~.io.SliceStore` and only the scores come back; else (labels, scores).
     """
     from ..engine.preprocess import normalize_image
-    from .io import SliceStore, open_lazy
+    from .io import SliceStore
 
-    arr = open_lazy(source)
+    arr = _open(source)
     image = np.asarray(arr[z] if z is not None else arr[...])
     seg = get_segmenter(spec)
     seg.set_normalized(normalize_image(image, params.get("channel_axis"), params.get("channels"), limits=limits),
                        embed=False)
     res = seg.segment_text(text, **_text_params(params))
     seg.reset_image()
+    seg.cache.clear()
     if store_output is None:
         return res.labels, res.scores
     SliceStore(Path(store_output)).write(int(z), res.labels, res.scores)
