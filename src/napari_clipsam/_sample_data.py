@@ -29,6 +29,6 @@ def sample_2d() -> list[tuple]:
 
 
 def sample_3d() -> list[tuple]:
-    """A 16×128×128 synthetic stack (``uint16``, z spacing 2.5× the pixel size) + its 3D labels."""
-    sample = make_volume(SAMPLE_3D_SEED, (16, 128, 128), p_absent=0.0)
+    """A 16×256×256 synthetic stack (``uint16``, z spacing 2.5× the pixel size) + its 3D labels."""
+    sample = make_volume(SAMPLE_3D_SEED, (16, 256, 256), p_absent=0.0)
     return _layers(sample, "synthetic cells 3D", tuple(float(s) for s in sample.info["spacing"]))

@@ -46,7 +46,8 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     p = Path(path)
     if p.suffix.lower() not in (".tif", ".tiff"):
         p = p.with_name(p.name + ".tif")
-    scale = [float(s) for s in (meta.get("scale") or [1.0] * arr.ndim)]
+    scale = meta.get("scale")
+    scale = [float(s) for s in (scale if scale is not None else [1.0] * arr.ndim)]
     classes = {str(int(k)): str(v) for k, v in ((meta.get("metadata") or {}).get("classes") or {}).items()}
     description = {"name": meta.get("name", ""), "scale": scale, "classes": classes,
                    "writer": "napari-clipsam"}
