@@ -214,8 +214,10 @@ def tiff_shape(path: Path) -> tuple[int, ...]:
 
 
 def labels_dtype(labels: np.ndarray) -> np.dtype:
-    """uint16 when every id fits, else uint32."""
-    return np.dtype(np.uint16) if int(labels.max(initial=0)) <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
+    """uint16 when every id fits, else uint32 (the batch writer's rule)."""
+    from .batch.io import labels_dtype as dtype_for_max_id
+
+    return dtype_for_max_id(int(labels.max(initial=0)))
 
 
 def write_tiff(path: Path, data: np.ndarray, overwrite: bool = False, compress: bool = True) -> None:

@@ -138,7 +138,7 @@ def lazy_array(source: Any) -> Iterator[Any]:
 
 
 def labels_dtype(max_id: int) -> np.dtype:
-    """uint16 when every id fits, else uint32 (as the single-file CLI writes)."""
+    """uint16 when every id fits, else uint32 (the one rule for label files the CLI and batch write)."""
     return np.dtype(np.uint16) if max_id <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
 
 
