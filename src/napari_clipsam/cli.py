@@ -9,7 +9,6 @@ to :data:`COMMANDS`. Handlers import heavy modules (torch, napari) lazily, so ``
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 import os
 import sys
@@ -19,6 +18,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import __version__
+from .batch import io as _io
+from .batch.io import LABELS_SUFFIX, TIFF_SUFFIXES
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -104,49 +105,18 @@ def _models_download(args: argparse.Namespace) -> int:
 # shared helpers: inputs, outputs, models
 # --------------------------------------------------------------------------------------
 
-TIFF_SUFFIXES = (".tif", ".tiff")
-#: Appended to an input's stem to name its output; folder/glob inputs skip files named like outputs.
-LABELS_SUFFIX = "_labels"
-
-
-def _is_glob(text: str) -> bool:
-    return any(c in text for c in "*?[")
-
-
 def _is_tiff(path: Path) -> bool:
     return path.suffix.lower() in TIFF_SUFFIXES
 
 
-def _is_output_name(path: Path) -> bool:
-    return path.stem.endswith(LABELS_SUFFIX)
-
-
 def expand_inputs(items: Sequence[str], what: str = "input") -> list[Path]:
     """Files, folders (their ``*.tif``/``*.tiff``, not recursive) and glob patterns → sorted unique
-    TIFF paths. Inside folders and globs, files named ``*_labels.tif`` (outputs) are skipped.
-    Raises :class:`CliError` for a missing path or when nothing matches."""
-    out: list[Path] = []
-    for item in items:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and _is_tiff(f) and not _is_output_name(f))
-            if not found:
-                raise CliError(f"{what} folder {p} contains no .tif/.tiff files")
-            out += found
-        elif p.is_file():
-            out.append(p)
-        elif _is_glob(item):
-            found = sorted(Path(f) for f in glob.glob(os.path.expanduser(item)))
-            found = [f for f in found if f.is_file() and _is_tiff(f) and not _is_output_name(f)]
-            if not found:
-                raise CliError(f"{what} pattern {item!r} matches no .tif/.tiff files")
-            out += found
-        else:
-            raise CliError(f"{what} not found: {p}")
-    unique: dict[Path, None] = {}
-    for p in out:
-        unique.setdefault(p.resolve(), None)
-    return list(unique)
+    TIFF paths (see :func:`napari_clipsam.batch.io.expand_inputs`; outputs ``*_labels.tif`` are
+    skipped inside folders and globs). Raises :class:`CliError` for a missing path or no match."""
+    try:
+        return _io.expand_inputs(items, what, zarr=False)
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
 
 def plan_outputs(inputs: Sequence[Path], out: str | None) -> list[Path]:

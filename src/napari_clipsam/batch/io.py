@@ -49,35 +49,38 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _is_input(path: Path) -> bool:
+def _is_input(path: Path, zarr: bool = True) -> bool:
     if _stem(path).endswith(LABELS_SUFFIX) or path.name.startswith("."):
         return False
-    return (path.is_file() and path.suffix.lower() in TIFF_SUFFIXES) or is_zarr_dir(path)
+    return (path.is_file() and path.suffix.lower() in TIFF_SUFFIXES) or (zarr and is_zarr_dir(path))
 
 
-def expand_inputs(items: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:
-    """Files, folders (their TIFFs and ``*.zarr`` folders, not recursive), zarr directories and
-    glob patterns → sorted unique paths. Inside folders and globs, ``*_labels.*`` (outputs) and
-    hidden names are skipped. Raises ``ValueError`` for a missing path or an empty match."""
+def expand_inputs(items: Sequence[str | os.PathLike] | str | os.PathLike, what: str = "input",
+                  zarr: bool = True) -> list[Path]:
+    """Files, folders (their TIFFs and, with ``zarr``, ``*.zarr`` folders; not recursive), zarr
+    directories and glob patterns → sorted unique paths. Inside folders and globs, ``*_labels.*``
+    (outputs) and hidden names are skipped. Raises ``ValueError`` naming the ``what`` for a
+    missing path or an empty match."""
     if isinstance(items, (str, os.PathLike)):
         items = [items]
+    kinds = ".tif/.tiff files" + (" or .zarr folders" if zarr else "")
     out: list[Path] = []
     for item in items:
         p = Path(item).expanduser()
-        if is_zarr_dir(p) or p.is_file():
+        if (zarr and is_zarr_dir(p)) or p.is_file():
             out.append(p)
         elif p.is_dir():
-            found = sorted(f for f in p.iterdir() if _is_input(f))
+            found = sorted(f for f in p.iterdir() if _is_input(f, zarr))
             if not found:
-                raise ValueError(f"input folder {p} contains no .tif/.tiff files or .zarr folders")
+                raise ValueError(f"{what} folder {p} contains no {kinds}")
             out += found
         elif any(c in str(item) for c in "*?["):
-            found = sorted(f for f in map(Path, glob.glob(os.path.expanduser(str(item)))) if _is_input(f))
+            found = sorted(f for f in map(Path, glob.glob(os.path.expanduser(str(item)))) if _is_input(f, zarr))
             if not found:
-                raise ValueError(f"input pattern {item!r} matches no .tif/.tiff files or .zarr folders")
+                raise ValueError(f"{what} pattern {item!r} matches no {kinds}")
             out += found
         else:
-            raise ValueError(f"input not found: {p}")
+            raise ValueError(f"{what} not found: {p}")
     return list(dict.fromkeys(p.resolve() for p in out))
 
 

@@ -194,17 +194,33 @@ class ClipSam(nn.Module):
     def embed_image(self, images: torch.Tensor) -> ImageFeatures:
         """Text-independent features of (B, 3, S, S) images in [0, 1]."""
         self._check_images(images)
+        return self.finish_features(self.encoder_tokens(images), self.semantics.patch_features(images))
+
+    def encoder_tokens(self, images: torch.Tensor, start: int = 0, stop: int | None = None,
+                       tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, h, w, C) encoder tokens after blocks ``[start, stop)`` (default: the text-independent
+        prefix), starting from ``tokens`` (the input of block ``start``) or, without them and with
+        ``start == 0``, from ``images`` (patch embedding + position)."""
         enc = self.sam.image_encoder
-        x = (images * 255.0 - self.sam.pixel_mean) / self.sam.pixel_std
-        x = enc.patch_embed(x)
-        if enc.pos_embed is not None:
-            x = x + enc.pos_embed
-        for blk in enc.blocks[: self.prefix_blocks]:
+        stop = self.prefix_blocks if stop is None else stop
+        if tokens is not None:
+            x = tokens
+        elif start == 0:
+            x = enc.patch_embed((images * 255.0 - self.sam.pixel_mean) / self.sam.pixel_std)
+            if enc.pos_embed is not None:
+                x = x + enc.pos_embed
+        else:
+            raise ValueError(f"encoder_tokens from block {start} needs the tokens of block {start - 1}")
+        for blk in enc.blocks[start:stop]:
             x = blk(x)
-        patches = self.semantics.patch_features(images)
+        return x
+
+    def finish_features(self, tokens: torch.Tensor, patches: torch.Tensor) -> ImageFeatures:
+        """:class:`ImageFeatures` from the tokens after the text-independent prefix."""
         if self.text_dependent_encoder:
-            return ImageFeatures(tokens=x, embeddings=None, patches=patches)
-        return ImageFeatures(tokens=None, embeddings=enc.neck(x.permute(0, 3, 1, 2)), patches=patches)
+            return ImageFeatures(tokens=tokens, embeddings=None, patches=patches)
+        return ImageFeatures(tokens=None, embeddings=self.sam.image_encoder.neck(tokens.permute(0, 3, 1, 2)),
+                             patches=patches)
 
     def text_features(self, texts: Sequence[str]) -> TextFeatures:
         return self.semantics.text_features(list(texts))

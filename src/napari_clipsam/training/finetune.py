@@ -315,16 +315,10 @@ def cache_point(model: ClipSam) -> int:
 @torch.no_grad()
 def frozen_features(model: ClipSam, x: torch.Tensor, k: int) -> tuple:
     """(tokens after blocks < k or None, final embeddings or None, CLIP patches) of (B, 3, S, S) images."""
-    enc = model.sam.image_encoder
-    t = (x * 255.0 - model.sam.pixel_mean) / model.sam.pixel_std
-    t = enc.patch_embed(t)
-    if enc.pos_embed is not None:
-        t = t + enc.pos_embed
-    for blk in enc.blocks[:k]:
-        t = blk(t)
+    t = model.encoder_tokens(x, stop=k)
     patches = model.semantics.patch_features(x)
-    if k >= len(enc.blocks):
-        return None, enc.neck(t.permute(0, 3, 1, 2)), patches
+    if k >= len(model.sam.image_encoder.blocks):
+        return None, model.sam.image_encoder.neck(t.permute(0, 3, 1, 2)), patches
     return t, None, patches
 
 
@@ -333,13 +327,8 @@ def features_from_cache(model: ClipSam, cached: Sequence[tuple], k: int) -> Imag
     patches = torch.cat([c[2] for c in cached])
     if cached[0][1] is not None:
         return ImageFeatures(tokens=None, embeddings=torch.cat([c[1] for c in cached]), patches=patches)
-    enc = model.sam.image_encoder
-    t = torch.cat([c[0] for c in cached])
-    for blk in enc.blocks[k: model.prefix_blocks]:
-        t = blk(t)
-    if model.text_dependent_encoder:
-        return ImageFeatures(tokens=t, embeddings=None, patches=patches)
-    return ImageFeatures(tokens=None, embeddings=enc.neck(t.permute(0, 3, 1, 2)), patches=patches)
+    t = model.encoder_tokens(None, start=k, tokens=torch.cat([c[0] for c in cached]))
+    return model.finish_features(t, patches)
 
 
 def _features(model: ClipSam, views: Sequence[View], k: int, use_cache: bool) -> ImageFeatures:
