@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--images", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="12 images, curve on 0/1/3 images")
-    ap.add_argument("--shift", type=float, default=0.7, help="domain_shift of the learning curve")
+    ap.add_argument("--shift", type=float, default=1.0, help="domain_shift of the learning curve (1.0: the \"strong\" preset)")
     ap.add_argument("--curve-test", type=int, default=20)
     ap.add_argument("--curve-steps", type=int, default=None, help="fine-tuning steps (default: FineTuneConfig's)")
     ap.add_argument("--no-curve", action="store_true")

@@ -535,15 +535,9 @@ def train_child(spec: dict) -> dict:
             return model.embed_image(x)
         if "t" not in cache:  # frozen prefix: computed once per view, reused every step
             with torch.no_grad():
-                t = (x * 255.0 - model.sam.pixel_mean) / model.sam.pixel_std
-                t = enc.patch_embed(t) + enc.pos_embed
-                for blk in enc.blocks[:k]:
-                    t = blk(t)
-                cache["t"] = t
+                cache["t"] = model.encoder_tokens(x, stop=k)
                 cache["patches"] = model.semantics.patch_features(x)
-        t = cache["t"]
-        for blk in enc.blocks[k:]:
-            t = blk(t)
+        t = model.encoder_tokens(None, start=k, stop=len(enc.blocks), tokens=cache["t"])
         from napari_clipsam.models.clipsam import ImageFeatures
         return ImageFeatures(tokens=None, embeddings=enc.neck(t.permute(0, 3, 1, 2)), patches=cache["patches"])
 

@@ -1,8 +1,9 @@
 """The bundled demo model keeps its measured quality on held-out synthetic images (a smaller set than
 ``bench/quality.py``, with some tolerance below what was measured). Random weights fail these.
 
-The bars here are the demo's *measured* level (bench/quality.json), not issue 6's targets, which
-this demo does not reach yet (nucleus text IoU does; instances, clicks and the small concepts do not).
+The bars here are the demo's *measured* level (bench/quality.json) minus a margin, not issue 6's
+targets, which this demo does not reach yet (nucleus text IoU and leakage do; instances, clicks,
+the small concepts and their absent-concept rate do not).
 """
 
 import numpy as np
@@ -39,19 +40,23 @@ def test_demo_loads_offline_by_name(demo):
 
 
 def test_text_only_iou(scores):
-    assert scores["nucleus"]["text_iou"] >= 0.8  # measured 0.86
-    for concept in ("mitochondrion", "vesicle"):  # measured 0.45, 0.28
+    assert scores["nucleus"]["text_iou"] >= 0.8  # measured 0.87 (50 images)
+    for concept in ("mitochondrion", "vesicle"):  # measured 0.51, 0.32 (this set: 0.49, 0.28)
         assert scores[concept]["text_iou"] >= 0.2, (concept, scores[concept])
 
 
 def test_point_instance_iou_and_f1(scores):
-    assert scores["nucleus"]["point_iou"] >= 0.35  # measured 0.48
-    assert scores["nucleus"]["instance_f1"] >= 0.35  # measured 0.48
+    assert scores["nucleus"]["point_iou"] >= 0.5  # measured 0.73 (50 images; this set: 0.57)
+    assert scores["vesicle"]["point_iou"] >= 0.5  # measured 0.70 (this set: 0.57)
+    assert scores["nucleus"]["instance_f1"] >= 0.45  # measured 0.61 (this set: 0.59)
+    for concept in ("mitochondrion", "vesicle"):  # measured 0.48, 0.50 (this set: 0.46, 0.39)
+        assert scores[concept]["instance_f1"] >= 0.3, (concept, scores[concept])
 
 
 def test_leakage_and_absent(scores):
     for concept, row in scores.items():
-        assert row["leakage"] <= 0.15, (concept, row)  # measured <= 0.11
+        assert row["leakage"] <= 0.15, (concept, row)  # measured <= 0.11 (nucleus 0.016)
+    assert scores["nucleus"]["leakage"] <= 0.05
     assert scores["nucleus"]["absent_empty_rate"] >= 0.9  # measured 1.0
 
 

@@ -126,7 +126,7 @@ def test_concept_sizes_within_documented_ranges(images):
     assert len(m) >= 20
     wlo, whi = SIZE_RANGES["mitochondrion"]["width"]
     llo, lhi = SIZE_RANGES["mitochondrion"]["length"]
-    assert wlo - 0.5 <= m[:, 0].min() and m[:, 0].max() <= whi + 0.5  # pixelised thickness
+    assert wlo - 1.0 <= m[:, 0].min() and m[:, 0].max() <= whi + 0.5  # pixelised thickness (curved rods lose ~1 px)
     # Feret diameter = centreline chord + width (occlusion can only shorten)
     assert llo <= m[:, 1].min() and m[:, 1].max() <= lhi + whi + 1
     # sizes separate the classes: smallest nucleus > largest vesicle; rods are thin but long

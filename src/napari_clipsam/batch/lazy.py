@@ -65,7 +65,7 @@ def segment_lazy(data: Any, text: str, *, segmenter=None, model: str | os.PathLi
     partial labels with ``complete=False``. Same results as ``Segmenter.segment_text`` /
     ``segment_volume(text=...)`` on the loaded array.
     """
-    from ..engine.volume import link_slice, volume_limits
+    from ..engine.volume import ZLinker, volume_limits
     from .run import _kind, _slice_axis
 
     if isinstance(data, (str, os.PathLike)):  # a file: opened lazily here, closed when done
@@ -109,15 +109,14 @@ def segment_lazy(data: Any, text: str, *, segmenter=None, model: str | os.PathLi
     limits = volume_limits(arr, ca, channels)
     labels_out = _create_output(out, shape[:3], overwrite)
     per_id: dict[int, list[float]] = {}
-    state = {"prev": None, "next_id": 1}
+    linker = ZLinker(link_overlap)
 
     def add(z: int, labels: np.ndarray, scores: dict[int, float]) -> None:
-        lut, state["next_id"] = link_slice(state["prev"], labels, scores, state["next_id"], link_overlap)
+        lut = linker.link(labels, scores)
         for k, s in scores.items():
             per_id.setdefault(int(lut[k]), []).append(s)
         final = lut[labels]
         labels_out[z] = final
-        state["prev"] = final
         if progress:
             progress(z + 1, nz, "segment")
 

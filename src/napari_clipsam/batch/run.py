@@ -3,7 +3,7 @@
 Scheduling: one task per 2D file (the worker reads, segments and writes the output itself) and one
 task per volume slice (the worker writes the slice's labels into the volume's
 :class:`~.io.SliceStore`). Slices are linked across z on the client with the engine's
-:func:`~napari_clipsam.engine.volume.link_slice` from the stored slices, two at a time, and the
+:class:`~napari_clipsam.engine.volume.ZLinker` from the stored slices, in z order, and the
 output is written slice by slice. Tiles within a slice are the engine's (stitched by
 :func:`~napari_clipsam.engine.tiling.stitch` on the worker), so results equal
 ``Segmenter.segment_text`` / ``segment_volume(text=...)`` run in one process.
@@ -209,17 +209,16 @@ class _Volume:
 
     def finish(self, overwrite: bool, link_overlap: float) -> int:
         """Link the stored slices across z and write the output; returns the number of 3D objects."""
-        from ..engine.volume import link_slice
+        from ..engine.volume import ZLinker
 
         import zarr
 
         raw = zarr.open_array(str(self.store.raw_path), mode="r")
-        luts, prev, next_id = [], None, 1
+        luts, linker = [], ZLinker(link_overlap)
         for z in range(self.shape[0]):
             labels, scores = self.store.read(z, raw)
-            lut, next_id = link_slice(prev, labels, scores, next_id, link_overlap)
-            luts.append(lut)
-            prev = lut[labels]
+            luts.append(linker.link(labels, scores))
+        next_id = linker.next_id
         dtype = labels_dtype(next_id - 1)
         slices = (luts[z][np.asarray(raw[z])] for z in range(self.shape[0]))
         write_labels(self.output, slices, self.shape, dtype, overwrite=overwrite)

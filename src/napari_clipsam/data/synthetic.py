@@ -7,10 +7,10 @@ Everything is NumPy/SciPy, deterministic given a seed, and fast (a 256×256 imag
 Concepts (sizes in pixels at ``domain_shift=0``; pixel size is fixed, so a larger image shows a larger field
 of view with more objects, not larger objects):
 
-* ``"nucleus"`` — large roundish/elliptical blobs, equivalent radius 10–22 px, slightly irregular outline,
+* ``"nucleus"`` — large roundish/elliptical blobs, equivalent radius 12–24 px, slightly irregular outline,
   chromatin texture with darker nucleoli; often in touching clusters.
-* ``"mitochondrion"`` — rods/worms, width 5–8 px, end-to-end length 20–45 px, straight or gently curved.
-* ``"vesicle"`` — small round dots, radius 5–8 px.
+* ``"mitochondrion"`` — rods/worms, width 7–10 px, end-to-end length 24–50 px, straight or gently curved.
+* ``"vesicle"`` — small round dots, radius 6.5–9.5 px.
 
 Brightness distributions of the three classes overlap on purpose (each object's brightness is drawn from a broad
 log-normal around a similar class mean), so classes are told apart by shape, size and texture.
@@ -47,9 +47,9 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
 
 #: Documented size ranges in pixels at ``domain_shift=0`` (what the generator draws from).
 SIZE_RANGES: dict[str, dict[str, tuple[float, float]]] = {
-    "nucleus": {"radius": (10.0, 22.0)},
-    "mitochondrion": {"width": (5.0, 8.0), "length": (20.0, 45.0)},
-    "vesicle": {"radius": (5.0, 8.0)},
+    "nucleus": {"radius": (12.0, 24.0)},
+    "mitochondrion": {"width": (7.0, 10.0), "length": (24.0, 50.0)},
+    "vesicle": {"radius": (6.5, 9.5)},
 }
 
 #: Named ``domain_shift`` values.
@@ -57,9 +57,9 @@ DOMAIN_SHIFT_PRESETS: dict[str, float] = {"none": 0.0, "mild": 0.5, "strong": 1.
 
 # Default number of objects per 256×256 field of view, as (low, high) inclusive.
 _COUNTS_PER_256SQ: dict[str, tuple[int, int]] = {
-    "nucleus": (4, 11),
-    "mitochondrion": (8, 22),
-    "vesicle": (10, 30),
+    "nucleus": (4, 10),
+    "mitochondrion": (8, 20),
+    "vesicle": (8, 24),
 }
 # Smallest visible object kept (pixels in 2D; voxels in 3D are twice this).
 _MIN_PIXELS = {"nucleus": 40, "mitochondrion": 10, "vesicle": 8}
@@ -534,8 +534,8 @@ def make_image(
     Args:
         seed: non-negative int; the same arguments give identical arrays.
         size: ``H`` (square) or ``(H, W)``, each >= 32 pixels. Object sizes are in pixels and do not scale with
-            ``size``; default object counts scale with the area (per 256×256: 4–11 nuclei, 8–22 mitochondria,
-            10–30 vesicles, before occlusion/placement rejections).
+            ``size``; default object counts scale with the area (per 256×256: 4–10 nuclei, 8–20 mitochondria,
+            8–24 vesicles, before occlusion/placement rejections).
         concepts: which of :data:`CONCEPTS` may appear; others never do.
         counts: fixed number (or ``(low, high)`` range) of objects to try to place per concept; a concept named
             here is never randomly made absent (0 makes it absent). Objects that cannot be placed without hiding

@@ -25,6 +25,7 @@ from os import PathLike
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from scipy import ndimage
 import torch
 
 from ..models.clipsam import ClipSam, Encoded, ImageFeatures, Prompts
@@ -460,13 +461,14 @@ class Segmenter:
                      progress: Progress | None = None) -> TextSegmentation:
         """All instances of ``text`` in the current image.
 
-        The text's semantic map (``prob``) is thresholded at ``threshold`` into regions (large ones
-        split, see :func:`pseudo_prompts`); each region's best point + its mask prompt the
-        decoder, all in one batch. Masks overlapping a better one by IoU > ``nms_iou`` are
-        dropped, then masks under ``min_area`` pixels or ``min_score`` predicted IoU; on tiled
-        images instances from neighbouring tiles agreeing (IoU ≥ ``merge_iou``) in their overlap
-        are merged into one. Each mask is confined to its region grown by ``region_margin`` × the
-        region's equivalent diameter (at least two low-resolution cells).
+        The text's semantic map (``prob``) is thresholded at ``threshold`` into regions (large or
+        necked ones split, see :func:`pseudo_prompts`); each region's best point, with the
+        connected area around it as mask prompt, prompts the decoder, all in one batch. Masks
+        overlapping a better one by IoU > ``nms_iou`` are dropped, then masks under ``min_area``
+        pixels or ``min_score`` predicted IoU; on tiled images instances from neighbouring tiles
+        agreeing (IoU ≥ ``merge_iou``) in their overlap are merged into one. Each mask is confined
+        to its connected area grown by ``region_margin`` × its equivalent diameter (at least two
+        low-resolution cells).
         """
         self._require_image()
         text = self._check_text(text)
@@ -505,16 +507,22 @@ class Segmenter:
         pp = pseudo_prompts(low, threshold=threshold, min_area=max(1, int(min_area / cell_area)))
         if not len(pp):
             return Instances(), prob
+        # Each region's point is decoded with the whole connected area around it as mask prompt
+        # (as in training): the decoder finds the object at the point, so an over-split region
+        # gives duplicates that NMS removes, not fragments.
+        comp, _ = ndimage.label(low > threshold)
+        ids = comp[pp.points[:, 1].astype(int), pp.points[:, 0].astype(int)]
+        areas = comp[None] == ids[:, None, None]
         r = s / m
         pts = torch.from_numpy(pp.points * r - 0.5)[:, None]
-        region = torch.from_numpy(pp.masks[:, None].astype(np.float32))
+        region = torch.from_numpy(areas[:, None].astype(np.float32))
         prompts = Prompts(torch.zeros(len(pp)), points=pts, labels=torch.ones(len(pp), 1),
                           masks=(region * 2 - 1) * 8.0)
         with fast_inference(self.model):
             low_masks, iou = self.model.decode(enc, prompts)
-            # Each instance stays near its region: a decoder that wanders onto neighbours of the
+            # Each instance stays near its area: a decoder that wanders onto other objects of the
             # same concept would otherwise return their union for every prompt.
-            near = torch.from_numpy(_grow(pp.masks, region_margin))[:, None].to(low_masks.device)
+            near = torch.from_numpy(_grow(areas, region_margin))[:, None].to(low_masks.device)
             low_masks = low_masks.masked_fill(~near, -1e4)
         y0, x0 = view.tile.window[:2]
         out = []

@@ -86,11 +86,15 @@ def link_slice(prev: np.ndarray | None, labels: np.ndarray, scores: dict[int, fl
 
 
 class NormalizedVolume:
-    """Lazy per-slice normalisation of a (Z, Y, X) or, with ``channel_axis``, (Z, Y, X, C) volume."""
+    """Lazy per-slice normalisation of a (Z, Y, X) or, with ``channel_axis``, (Z, Y, X, C) volume.
+
+    A lazy array (dask, zarr) stays lazy: only the slices used (and ~16 for the limits) are read.
+    """
 
     def __init__(self, volume: np.ndarray, channel_axis: int | None = None, channels: Sequence[int] | None = None,
                  percentiles: tuple[float, float] = (1.0, 99.8)):
-        vol = np.asarray(volume)
+        lazy = all(hasattr(volume, a) for a in ("shape", "ndim", "size", "__getitem__"))
+        vol = volume if lazy else np.asarray(volume)
         if vol.size == 0:
             raise ValueError(f"volume is empty (shape {vol.shape})")
         if channel_axis is not None:
@@ -187,26 +191,54 @@ def propagate(seg: "Segmenter", volume: np.ndarray | NormalizedVolume, z: int, p
     return VolumeSegmentation(out, {1: float(np.nanmean(slice_scores))}, slice_scores)
 
 
+class ZLinker:
+    """Links per-slice instance labels, slice after slice, into 3D ids (see :func:`link_slice`).
+
+    An object missed in up to ``max_gap`` consecutive slices keeps its id when it is found again:
+    its last footprint is carried over those slices (where no other object is)."""
+
+    def __init__(self, link_overlap: float = 0.5, max_gap: int = 1):
+        if max_gap < 0:
+            raise ValueError(f"max_gap must be >= 0, got {max_gap}")
+        self.link_overlap, self.max_gap = link_overlap, max_gap
+        self.next_id = 1
+        self._memory: np.ndarray | None = None
+        self._missed: dict[int, int] = {}  # carried id → slices missed so far
+
+    def link(self, labels: np.ndarray, scores: dict[int, float]) -> np.ndarray:
+        """One slice's labels (ids 1..K) and scores → lut (K+1,) uint32 to 3D ids."""
+        lut, self.next_id = link_slice(self._memory, labels, scores, self.next_id, self.link_overlap)
+        final = lut[labels]
+        if self._memory is None or self.max_gap == 0:
+            self._memory = final
+            return lut
+        seen = set(np.unique(final).tolist())
+        missed = {int(i): self._missed.get(int(i), 0) + 1 for i in np.unique(self._memory) if i and int(i) not in seen}
+        self._missed = {i: n for i, n in missed.items() if n <= self.max_gap}
+        carried = np.isin(self._memory, list(self._missed)) & (final == 0)
+        self._memory = np.where(carried, self._memory, final)
+        return lut
+
+
 def link_text(seg: "Segmenter", volume: np.ndarray | NormalizedVolume, text: str, link_overlap: float = 0.5,
-              progress: "Progress | None" = None, **segment_kwargs) -> VolumeSegmentation:
-    """``segment_text`` per slice, linked across z by one-to-one overlap matching into 3D ids."""
+              progress: "Progress | None" = None, max_gap: int = 1, **segment_kwargs) -> VolumeSegmentation:
+    """``segment_text`` per slice, linked across z by one-to-one overlap matching into 3D ids
+    (an object missed in up to ``max_gap`` slices keeps its id, see :class:`ZLinker`)."""
     vol = volume if isinstance(volume, NormalizedVolume) else NormalizedVolume(volume)
     progress = progress or seg.progress
     nz = len(vol)
     out = np.zeros(vol.shape, np.uint32)
     counts = np.zeros(nz, np.float32)
     per_id: dict[int, list[float]] = {}
-    prev = None
-    next_id = 1
+    linker = ZLinker(link_overlap, max_gap)
     for z in range(nz):
         seg.set_normalized(vol[z], embed=False)
         res = seg.segment_text(text, **segment_kwargs)
-        lut, next_id = link_slice(prev, res.labels, res.scores, next_id, link_overlap)
+        lut = linker.link(res.labels, res.scores)
         for k, s in res.scores.items():
             per_id.setdefault(int(lut[k]), []).append(s)
         out[z] = lut[res.labels]
         counts[z] = len(res.scores)
-        prev = out[z]
         _report(progress, z + 1, nz, "segment_text")
     return VolumeSegmentation(out, {k: float(np.mean(v)) for k, v in per_id.items()}, counts)
 
@@ -227,5 +259,5 @@ def segment_volume(seg: "Segmenter", volume: np.ndarray, z: int | None = None, p
     return link_text(seg, vol, text, **kwargs)
 
 
-__all__ = ["NormalizedVolume", "VolumeSegmentation", "link_slice", "link_text", "mask_prompts", "propagate",
+__all__ = ["NormalizedVolume", "VolumeSegmentation", "ZLinker", "link_slice", "link_text", "mask_prompts", "propagate",
            "segment_volume", "volume_limits"]

@@ -318,22 +318,31 @@ def image_kind(layer, channel_axis: int | None) -> str:
                      "volume (set the channel axis for multichannel data)")
 
 
+def layer_data(layer):
+    """Full-resolution data of a layer as stored: NumPy, or a lazy dask/zarr array (not read)."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
+def is_lazy(data) -> bool:
+    """True for array-likes that are read on demand (dask, zarr, ...), False for NumPy arrays."""
+    return not isinstance(data, np.ndarray)
+
+
 def layer_array(layer) -> np.ndarray:
-    """Full-resolution data of a layer as NumPy."""
-    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-    return np.asarray(data)
+    """Full-resolution data of a layer as NumPy (reads a lazy layer whole)."""
+    return np.asarray(layer_data(layer))
 
 
 def current_z(viewer: napari.Viewer, layer, axis: int = 0) -> int:
     """Index of the slice along ``layer``'s data axis ``axis`` (its z) shown in the viewer."""
     coords = layer.world_to_data(viewer.dims.point[-layer.ndim:])
-    n = layer_array(layer).shape[axis]
+    n = layer_data(layer).shape[axis]
     return int(np.clip(np.round(coords[axis]), 0, n - 1))
 
 
 def spatial_shape(layer, channel_axis: int | None) -> tuple[int, ...]:
     """Shape without the RGB/channel axis."""
-    shape = list(layer_array(layer).shape)
+    shape = list(layer_data(layer).shape)
     if layer.rgb:
         shape = shape[:-1]
     elif channel_axis is not None:

@@ -25,7 +25,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
                             QMessageBox, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
-from ._common import (LayerCombo, Report, alive, current_z, image_kind, layer_array, session_for, show_error, show_info,
+from ._common import (LayerCombo, Report, alive, current_z, image_kind, is_lazy, layer_array, layer_data, session_for, show_error, show_info,
                       spatial_shape)
 
 if TYPE_CHECKING:
@@ -344,7 +344,7 @@ class SegmentWidget(QWidget):
 
     @staticmethod
     def _z_axis(layer, axis: int | None) -> int:
-        return 1 if axis is not None and axis % layer_array(layer).ndim == 0 else 0
+        return 1 if axis is not None and axis % layer_data(layer).ndim == 0 else 0
 
     def _volume(self, src: Source):
         from ..engine.volume import NormalizedVolume
@@ -352,7 +352,7 @@ class SegmentWidget(QWidget):
         key = (id(src.layer), id(src.layer.data), src.channel_axis, src.channels)
         vol = self._volumes.get(key)
         if vol is None:
-            data = layer_array(src.layer)
+            data = layer_data(src.layer)  # a lazy layer stays lazy: slices are read when used
             axis = src.channel_axis
             if axis is not None and axis % data.ndim == 0:  # (C, Z, Y, X): channel first
                 data, axis = np.moveaxis(data, 0, -1), -1
@@ -670,22 +670,34 @@ class SegmentWidget(QWidget):
             return
 
         def job(report: Report):
+            data = layer_data(src.layer)
+            if is_lazy(data) and target is None:
+                # A dask/zarr layer is read slice by slice into a lazy zarr result.
+                from ..batch.lazy import segment_lazy
+
+                self._embedded = None
+                res = segment_lazy(data, text, segmenter=seg, volume=src.kind == "volume",
+                                   channel_axis=src.channel_axis, channels=src.channels, progress=report)
+                return res.labels, sorted(res.scores)
             if src.kind == "volume":
                 from ..engine.volume import link_text
 
                 self._embedded = None
-                return link_text(seg, self._volume(src), text, progress=report).labels
-            self._ensure_image(seg, src, report)
-            return seg.segment_text(text, progress=report).labels
+                labels = link_text(seg, self._volume(src), text, progress=report).labels
+            else:
+                self._ensure_image(seg, src, report)
+                labels = seg.segment_text(text, progress=report).labels
+            return labels, [int(i) for i in np.unique(labels) if i]
 
-        self.jobs.submit("segment_all", job, lambda labels: self._write_all(src, text, labels, target),
+        self.jobs.submit("segment_all", job, lambda res: self._write_all(src, text, *res, target),
                          desc=f"segment all '{text}'")
 
-    def _write_all(self, src: Source, text: str, labels: np.ndarray, target) -> None:
-        n = int(len(np.unique(labels[labels > 0])))
+    def _write_all(self, src: Source, text: str, labels, ids: list[int], target) -> None:
+        n = len(ids)
         if target is None or target not in self.viewer.layers:
-            layer = self.viewer.add_labels(labels.astype(np.uint32), name=f"{text} ({src.layer.name})",
-                                           metadata={"classes": {int(i): text for i in np.unique(labels) if i}},
+            data = labels if is_lazy(labels) else labels.astype(np.uint32)
+            layer = self.viewer.add_labels(data, name=f"{text} ({src.layer.name})",
+                                           metadata={"classes": {int(i): text for i in ids}},
                                            **self._spatial_transform(src.layer, src.channel_axis))
             self._reselect_prompts()
             self.status.setText(f"segment all '{text}': {n} instances → new layer {layer.name!r}")

@@ -1,10 +1,10 @@
 """Pseudo prompts from a correlation map (after ESC-Net), and the ``pseudo`` strategy.
 
 :func:`pseudo_prompts` turns a per-pixel probability map of a text into regions — connected
-components, with large components split by k-means on pixel coordinates — and gives each region
-one point (its highest-probability pixel) and its mask. Fed to SAM as point + mask prompts, each
-region yields one instance mask; all regions are decoded in one batch. Every strategy uses it as
-the instance mechanism of text-only mode.
+components, with large or necked components split by k-means on pixel coordinates — and gives
+each region one point (its highest-probability pixel among the deeper half of the region) and
+its mask. Fed to SAM as point + mask prompts, each region yields one instance mask; all regions
+are decoded in one batch. Every strategy uses it as the instance mechanism of text-only mode.
 
 The ``pseudo`` strategy itself learns only a light semantic head: raw CLIP similarity plus a
 zero-initialised refinement from CLIP patch features modulated by the text, and a text token
@@ -38,10 +38,16 @@ class PseudoPrompts:
         return len(self.points)
 
 
-def _kmeans(coords: np.ndarray, k: int, iters: int = 10) -> np.ndarray:
-    """Deterministic k-means on (n, 2) coordinates (farthest-point initialisation) → labels (n,)."""
-    centres = [coords[0]]
-    for _ in range(1, k):
+def _kmeans(coords: np.ndarray, k: int, iters: int = 10, init: np.ndarray | None = None) -> np.ndarray:
+    """Deterministic k-means on (n, 2) coordinates → labels (n,).
+
+    Starts from ``init`` (k, 2) centres when given, else from farthest-point initialisation.
+    """
+    if init is not None:
+        centres = [c for c in np.asarray(init, np.float64)[:k]]
+    else:
+        centres = [coords[0]]
+    while len(centres) < k:
         d = np.min([((coords - c) ** 2).sum(1) for c in centres], axis=0)
         centres.append(coords[int(np.argmax(d))])
     centres = np.array(centres, dtype=np.float64)
@@ -56,6 +62,18 @@ def _kmeans(coords: np.ndarray, k: int, iters: int = 10) -> np.ndarray:
     return labels
 
 
+def _centres(region: np.ndarray, depth: float) -> np.ndarray:
+    """(k, 2) (y, x) centres of the parts of ``region`` separated by necks: maxima of its distance
+    transform that rise at least ``depth`` pixels above the saddle to any higher maximum."""
+    from skimage.morphology import h_maxima
+
+    dist = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    peaks, n = ndimage.label(h_maxima(dist, depth))
+    if n == 0:
+        return np.zeros((0, 2))
+    return np.asarray(ndimage.center_of_mass(peaks, peaks, range(1, n + 1)), np.float64).reshape(-1, 2)
+
+
 def pseudo_prompts(
     prob: np.ndarray,
     threshold: float = 0.5,
@@ -63,12 +81,16 @@ def pseudo_prompts(
     split_area: float | None = None,
     max_splits: int = 5,
     max_regions: int = 512,
+    neck_depth: float | None = 1.0,
 ) -> PseudoPrompts:
     """Regions of ``prob`` (H, W) in [0, 1] above ``threshold``, one point + mask each.
 
-    A component larger than ``split_area`` pixels (default: 2.5× the median component area) is
-    split by k-means on its pixel coordinates into ``round(area / typical area)`` regions, at most
-    ``max_splits``. Components smaller than ``min_area`` are dropped.
+    A component is split by k-means on its pixel coordinates (at most ``max_splits`` parts) when
+    it is larger than ``split_area`` pixels (default: 2.5× the median component area; then into
+    ``round(area / typical area)`` parts) or when it has necks: several maxima of its distance
+    transform, each ``neck_depth`` pixels deep (touching round objects; then one part per
+    maximum, k-means starting there; ``None`` turns this off). Components smaller than
+    ``min_area`` are dropped.
     """
     prob = np.asarray(prob, dtype=np.float32)
     if prob.ndim != 2:
@@ -91,11 +113,16 @@ def pseudo_prompts(
         region = comp == lab
         area = areas[lab - 1]
         parts = [region]
-        if area > split_at and max_splits > 1:
-            k = int(min(max_splits, max(2, round(area / max(typical, 1.0)))))
+        k = int(min(max_splits, max(2, round(area / max(typical, 1.0))))) if area > split_at else 1
+        centres = _centres(region, neck_depth) if neck_depth is not None else np.zeros((0, 2))
+        if len(centres) > k:
+            k = min(max_splits, len(centres))
+        else:
+            centres = None
+        if k > 1 and max_splits > 1:
             ys, xs = np.nonzero(region)
             coords = np.stack([ys, xs], 1).astype(np.float64)
-            labels = _kmeans(coords, k)
+            labels = _kmeans(coords, k, init=centres)
             parts = []
             for j in range(k):
                 part = np.zeros_like(region)
@@ -103,7 +130,9 @@ def pseudo_prompts(
                 if part.sum() >= min_area:
                     parts.append(part)
         for part in parts:
-            vals = np.where(part, prob, -1.0)
+            # Its highest-probability point among the deep half of the part (clicks are centred).
+            depth = ndimage.distance_transform_edt(np.pad(part, 1))[1:-1, 1:-1]
+            vals = np.where(depth >= 0.5 * depth.max(), prob, -1.0)
             y, x = np.unravel_index(int(np.argmax(vals)), vals.shape)
             points.append((x + 0.5, y + 0.5))
             masks.append(part)
