@@ -20,6 +20,7 @@ import numpy as np
 from . import __version__
 from .batch import io as _io
 from .batch.io import LABELS_SUFFIX, TIFF_SUFFIXES
+from .engine.instances import TEXT_THRESHOLD
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -370,7 +371,8 @@ def add_segment_command(subparsers: argparse._SubParsersAction) -> None:
                    help="axis holding channels in multichannel inputs (up to 3 are used)")
     add_model_arguments(p)
     p.add_argument("--cache", metavar="DIR", help="embedding cache folder (see 'napari-clipsam embed')")
-    p.add_argument("--threshold", type=float, default=0.5, help="text mode: probability threshold (default 0.5)")
+    p.add_argument("--threshold", type=float, default=TEXT_THRESHOLD,
+                   help=f"text mode: probability threshold (default {TEXT_THRESHOLD})")
     p.add_argument("--min-area", type=int, default=16, help="text mode: smallest object in pixels (default 16)")
     p.add_argument("--min-score", type=float, default=0.25,
                    help="text mode: lowest predicted IoU of a kept object (default 0.25)")

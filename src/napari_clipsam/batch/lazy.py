@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..engine.instances import TEXT_THRESHOLD
 from .io import lazy_array, open_lazy
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def segment_lazy(data: Any, text: str, *, segmenter=None, model: str | os.PathLi
                  adapter: str | os.PathLike | None = None, volume: bool | None = None,
                  channel_axis: int | None = None, channels: Sequence[int] | None = None,
                  out: str | os.PathLike | None = None, overwrite: bool = False, scheduler: Any = None,
-                 n_workers: int = 2, threshold: float = 0.5, min_area: int = 16, min_score: float = 0.25,
+                 n_workers: int = 2, threshold: float = TEXT_THRESHOLD, min_area: int = 16, min_score: float = 0.25,
                  link_overlap: float = 0.5, progress: Callable[[int, int, str], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> LazyResult:
     """All instances of ``text`` in a lazy 2D image or (Z, Y, X) volume → a zarr labels array.

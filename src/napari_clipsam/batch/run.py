@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from ..engine.instances import TEXT_THRESHOLD
 from .io import SliceStore, expand_inputs, labels_dtype, lazy_array, output_for, write_labels
 from .worker import ModelSpec, segment_image_file, segment_slice
 
@@ -235,7 +236,7 @@ def segment_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike, outpu
                   model: str | os.PathLike = "demo", adapter: str | os.PathLike | None = None, volume: bool = False,
                   scheduler: Any = "local", n_workers: int = 2, threads_per_worker: int = 1,
                   overwrite: bool = False, output_format: str = "tif", channel_axis: int | None = None,
-                  channels: Sequence[int] | None = None, threshold: float = 0.5, min_area: int = 16,
+                  channels: Sequence[int] | None = None, threshold: float = TEXT_THRESHOLD, min_area: int = 16,
                   min_score: float = 0.25, link_overlap: float = 0.5, tile_size: int | None = None,
                   halo: int | None = None, device: str | None = None, retries: int = 1, ship: str = "path",
                   progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> BatchReport:

@@ -32,7 +32,7 @@ from ..models.clipsam import ClipSam, Encoded, ImageFeatures, Prompts
 from ..models.conditioning import pseudo_prompts
 from ..models.fast import enable_fast_path, fast_inference
 from .cache import EmbeddingCache, WeightsFingerprint, digest
-from .instances import Instances, mask_nms, paint_labels
+from .instances import TEXT_THRESHOLD, Instances, mask_nms, paint_labels
 from .preprocess import Frame, frame_for, mask_to_prompt, normalize_image, postprocess_logits, to_model_input
 from .tiling import Tile, make_tiles, paste_cores, route, stitch
 
@@ -456,7 +456,7 @@ class Segmenter:
         return text.strip()
 
     # ---- text → instances ---------------------------------------------------------------------
-    def segment_text(self, text: str, threshold: float = 0.5, min_area: int = 16, min_score: float = 0.25,
+    def segment_text(self, text: str, threshold: float = TEXT_THRESHOLD, min_area: int = 16, min_score: float = 0.25,
                      nms_iou: float = 0.5, merge_iou: float = 0.5, region_margin: float = 0.5,
                      progress: Progress | None = None) -> TextSegmentation:
         """All instances of ``text`` in the current image.
