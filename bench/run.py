@@ -533,13 +533,11 @@ def train_child(spec: dict) -> dict:
     def features():
         if not spec["cache"] or k == 0:
             return model.embed_image(x)
-        if "t" not in cache:  # frozen prefix: computed once per view, reused every step
-            with torch.no_grad():
-                cache["t"] = model.encoder_tokens(x, stop=k)
-                cache["patches"] = model.semantics.patch_features(x)
-        t = model.encoder_tokens(None, start=k, stop=len(enc.blocks), tokens=cache["t"])
-        from napari_clipsam.models.clipsam import ImageFeatures
-        return ImageFeatures(tokens=None, embeddings=enc.neck(t.permute(0, 3, 1, 2)), patches=cache["patches"])
+        from napari_clipsam.training.finetune import features_from_cache, frozen_features
+
+        if "frozen" not in cache:  # frozen prefix: computed once per view, reused every step
+            cache["frozen"] = frozen_features(model, x, k)
+        return features_from_cache(model, [cache["frozen"]], k)
 
     def step():
         feats = features()

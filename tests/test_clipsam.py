@@ -164,6 +164,9 @@ def test_pseudo_prompts_splits_touching_blobs_and_rejects_bad_input():
     assert len(pp) == 6
     split = [int(m.sum()) for m in pp.masks[pp.points[:, 1] > 40]]
     assert len(split) == 3 and all(abs(a - 400) <= 40 for a in split)
+    below = pp.points[:, 1] > 40  # split parts keep their whole component; the others are their own
+    assert all(int(a.sum()) == 1200 and (a >= m).all() for a, m in zip(pp.areas[below], pp.masks[below]))
+    assert np.array_equal(pp.areas[~below], pp.masks[~below])
     with pytest.raises(ValueError, match="H, W"):
         pseudo_prompts(np.zeros((2, 3, 4)))
     with pytest.raises(ValueError, match="NaN"):

@@ -25,7 +25,6 @@ from os import PathLike
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
-from scipy import ndimage
 import torch
 
 from ..models.clipsam import ClipSam, Encoded, ImageFeatures, Prompts
@@ -510,9 +509,7 @@ class Segmenter:
         # Each region's point is decoded with the whole connected area around it as mask prompt
         # (as in training): the decoder finds the object at the point, so an over-split region
         # gives duplicates that NMS removes, not fragments.
-        comp, _ = ndimage.label(low > threshold)
-        ids = comp[pp.points[:, 1].astype(int), pp.points[:, 0].astype(int)]
-        areas = comp[None] == ids[:, None, None]
+        areas = pp.areas
         r = s / m
         pts = torch.from_numpy(pp.points * r - 0.5)[:, None]
         region = torch.from_numpy(areas[:, None].astype(np.float32))

@@ -28,11 +28,13 @@ from .base import Conditioning, Context
 @dataclass
 class PseudoPrompts:
     """N regions of a (H, W) map: points (N, 2) as (x, y) pixel centres, masks (N, H, W) bool,
-    scores (N,) mean probability inside each region."""
+    scores (N,) mean probability inside each region, areas (N, H, W) bool the whole connected
+    component each region was split from (= its mask when it was not split)."""
 
     points: np.ndarray
     masks: np.ndarray
     scores: np.ndarray
+    areas: np.ndarray
 
     def __len__(self) -> int:
         return len(self.points)
@@ -99,7 +101,8 @@ def pseudo_prompts(
         raise ValueError("pseudo_prompts: the probability map contains NaN or inf")
     h, w = prob.shape
     comp, n = ndimage.label(prob > threshold)
-    empty = PseudoPrompts(np.zeros((0, 2), np.float32), np.zeros((0, h, w), bool), np.zeros(0, np.float32))
+    empty = PseudoPrompts(np.zeros((0, 2), np.float32), np.zeros((0, h, w), bool), np.zeros(0, np.float32),
+                          np.zeros((0, h, w), bool))
     if n == 0:
         return empty
     areas = ndimage.sum_labels(np.ones_like(comp), comp, index=np.arange(1, n + 1))
@@ -108,7 +111,7 @@ def pseudo_prompts(
         return empty
     typical = float(np.median([areas[i - 1] for i in kept]))
     split_at = split_area if split_area is not None else 2.5 * typical
-    points, masks, scores = [], [], []
+    points, masks, scores, regions = [], [], [], []
     for lab in kept:
         region = comp == lab
         area = areas[lab - 1]
@@ -136,13 +139,13 @@ def pseudo_prompts(
             y, x = np.unravel_index(int(np.argmax(vals)), vals.shape)
             points.append((x + 0.5, y + 0.5))
             masks.append(part)
+            regions.append(region)
             scores.append(float(prob[part].mean()))
             if len(points) >= max_regions:
                 break
     order = np.argsort(scores)[::-1]
-    return PseudoPrompts(
-        np.asarray(points, np.float32)[order], np.asarray(masks, bool)[order], np.asarray(scores, np.float32)[order]
-    )
+    return PseudoPrompts(np.asarray(points, np.float32)[order], np.asarray(masks, bool)[order],
+                         np.asarray(scores, np.float32)[order], np.asarray(regions, bool)[order])
 
 
 class PseudoConditioning(Conditioning):
