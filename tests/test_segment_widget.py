@@ -296,3 +296,32 @@ def test_ui_not_blocked_while_embedding(make_napari_viewer, qtbot):
     assert len(during) >= 20, len(during)  # the event loop ran ~every 20 ms during the 1.5 s embedding
     assert time.perf_counter() - t0 >= 1.5
     assert widget._embedded is not None
+
+
+def test_large_image_embeds_the_tiles_on_screen_first(make_napari_viewer, qtbot):
+    """Tiled image: the tiles in view are embedded before the others (a separate job), then all."""
+    import torch
+
+    from napari_clipsam.widgets._common import visible_region
+
+    torch.manual_seed(0)
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(900, 700)
+    layer = viewer.add_image(np.random.default_rng(0).random((400, 400)).astype(np.float32), name="large")
+    viewer.camera.center = (0, 340, 340)  # look at the bottom-right corner, zoomed in
+    viewer.camera.zoom = 8.0
+    seg = Segmenter(ClipSam(tiny_config()), tile_size=64, halo=8)
+    order = []
+    features = seg._features
+    seg._features = lambda view: order.append(view.tile.window) or features(view)  # record, then embed
+    encoder = []
+    seg.model.sam.image_encoder.patch_embed.register_forward_hook(lambda *a: encoder.append(1))
+    _panel(viewer, qtbot, seg)  # the panel embeds the image in the background
+    region = visible_region(viewer, layer)
+    assert region[0] > 200 and region[1] > 200  # only the corner is on screen
+    visible = [t.window for t in seg.tiles
+               if t.window[0] < region[2] and region[0] < t.window[2] and t.window[1] < region[3] and region[1] < t.window[3]]
+    assert 0 < len(visible) < len(seg.tiles) // 2
+    assert sorted(order[: len(visible)]) == sorted(visible)  # the part on screen first
+    assert sorted(set(order)) == sorted(t.window for t in seg.tiles)  # then every other tile
+    assert len(encoder) == len(seg.tiles)  # each embedded once

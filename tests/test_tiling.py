@@ -80,6 +80,28 @@ def test_box_prompt_is_routed_to_one_tile():
     assert len(calls) == 3
 
 
+def test_embed_tiles_embeds_the_region_first_nearest_its_centre():
+    torch.manual_seed(0)
+    model = ClipSam(tiny_config("pseudo"))
+    calls = []
+    model.sam.image_encoder.patch_embed.register_forward_hook(lambda *a: calls.append(1))
+    seg = Segmenter(model)
+    seg.set_image(np.random.default_rng(0).random((192, 192)), embed=False)
+    assert len(seg.tiles) == 16 and not calls
+    order = []
+    features = seg._features
+    seg._features = lambda view: order.append(seg._views.index(view)) or features(view)  # record, then embed
+    region = (150, 150, 192, 192)  # the bottom-right corner on screen
+    n = seg.embed_tiles(region)
+    hit = [i for i, t in enumerate(seg.tiles) if t.window[2] > 150 and t.window[3] > 150]
+    assert n == len(hit) == len(calls) and sorted(order) == hit
+    assert order[0] == 15  # the tile whose centre is nearest the region's comes first
+    assert seg.embed_tiles(region) == n and len(calls) == n  # cached: nothing recomputed
+    assert seg.embed_tiles() == 16 and len(calls) == 16  # then the rest, each once
+    with pytest.raises(ValueError, match="region"):
+        seg.embed_tiles((10, 10, 5, 20))
+
+
 @pytest.mark.slow
 def test_object_across_a_tile_border_gets_exactly_one_label():
     """An image 3x the model input; a blob straddling a core border between tiles (x = 96)."""

@@ -225,10 +225,37 @@ class Segmenter:
         multichannel with ``channel_axis`` (``channels`` picks up to 3, else all are merged).
 
         Percentile-normalised (see :func:`normalize_image`). With ``embed`` the image features of
-        every tile are computed now (cached); otherwise on first use. A constant image is
-        allowed: every result on it is empty. Raises ``ValueError`` for bad images.
+        every tile are computed now (cached); otherwise on first use (or by :meth:`embed_tiles`).
+        A constant image is allowed: every result on it is empty. Raises ``ValueError`` for bad images.
         """
         self.set_normalized(normalize_image(image, channel_axis, channels), embed, progress)
+
+    def embed_tiles(self, region: Sequence[float] | None = None, progress: Progress | None = None) -> int:
+        """Compute (and cache) the image features of the tiles overlapping ``region``
+        ``(y0, x0, y1, x1)`` in image pixels — e.g. the part of a large image on screen — nearest
+        the region's centre first; all tiles when ``region`` is None. Tiles already cached cost
+        nothing. Returns how many tiles the region covers."""
+        self._require_image()
+        h, w = self._image.shape[:2]
+        if region is None:
+            region = (0, 0, h, w)
+        r = np.asarray(region, np.float64).reshape(-1)
+        if r.shape != (4,) or not np.isfinite(r).all() or r[2] <= r[0] or r[3] <= r[1]:
+            raise ValueError(f"region must be (y0, x0, y1, x1) with y1 > y0 and x1 > x0, got {list(region)}")
+        r = np.clip(r, 0, [h, w, h, w])
+        wins = np.array([v.tile.window for v in self._views], np.float64)
+        hit = (wins[:, 0] < r[2]) & (r[0] < wins[:, 2]) & (wins[:, 1] < r[3]) & (r[1] < wins[:, 3])
+        centre = (r[:2] + r[2:]) / 2
+        dist = (((wins[:, :2] + wins[:, 2:]) / 2 - centre) ** 2).sum(1)
+        order = [i for i in np.argsort(dist, kind="stable") if hit[i]]
+        if self._blank:
+            return len(order)
+        report = progress or self.progress
+        for done, i in enumerate(order, start=1):
+            self._features(self._views[i])
+            if report:
+                report(done, len(order), "embedding")
+        return len(order)
 
     def set_normalized(self, image01: np.ndarray, embed: bool = True, progress: Progress | None = None) -> None:
         """Like :meth:`set_image` for an already normalised (H, W, 3) float image in [0, 1]."""
@@ -244,12 +271,8 @@ class Segmenter:
                        for t in self._tiles_for(image01.shape[:2])]
         if len(self._views) > 1:
             log.info("image %s split into %d tiles", image01.shape[:2], len(self._views))
-        if embed and not self._blank:
-            report = progress or self.progress
-            for i, view in enumerate(self._views):
-                self._features(view)
-                if report:
-                    report(i + 1, len(self._views), "embedding")
+        if embed:
+            self.embed_tiles(progress=progress)
 
     def _tiles_for(self, shape: tuple[int, int]) -> list[Tile]:
         h, w = int(shape[0]), int(shape[1])

@@ -340,6 +340,27 @@ def current_z(viewer: napari.Viewer, layer, axis: int = 0) -> int:
     return int(np.clip(np.round(coords[axis]), 0, n - 1))
 
 
+def visible_region(viewer: napari.Viewer, layer, channel_axis: int | None = None) -> tuple[float, float, float, float] | None:
+    """The part of ``layer``'s (Y, X) plane on screen, ``(y0, x0, y1, x1)`` in data pixels (not
+    clipped to the image), or None when the viewer shows 3D or has no canvas size yet."""
+    h, w = viewer.canvas.size
+    if viewer.dims.ndisplay != 2 or h <= 0 or w <= 0 or viewer.camera.zoom <= 0:
+        return None
+    cy, cx = viewer.camera.center[-2:]
+    dy, dx = h / (2 * viewer.camera.zoom), w / (2 * viewer.camera.zoom)
+    axes = list(range(layer.ndim))  # an RGB axis is not a layer dimension; a channel axis is
+    if channel_axis is not None:
+        del axes[channel_axis]
+    ya, xa = axes[-2:]
+    corners = []
+    for y, x in ((cy - dy, cx - dx), (cy + dy, cx + dx)):
+        point = list(viewer.dims.point[-layer.ndim:])
+        point[-2:] = [y, x]
+        corners.append(np.asarray(layer.world_to_data(point), np.float64)[[ya, xa]])
+    lo, hi = np.minimum(*corners), np.maximum(*corners)
+    return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
+
+
 def spatial_shape(layer, channel_axis: int | None) -> tuple[int, ...]:
     """Shape without the RGB/channel axis."""
     shape = list(layer_data(layer).shape)

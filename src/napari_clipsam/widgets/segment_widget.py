@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGro
                             QMessageBox, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from ._common import (LayerCombo, Report, alive, current_z, image_kind, is_lazy, layer_array, layer_data, session_for, show_error, show_info,
-                      spatial_shape)
+                      spatial_shape, visible_region)
 
 if TYPE_CHECKING:
     import napari
@@ -360,16 +360,20 @@ class SegmentWidget(QWidget):
             self._volumes = {key: vol}
         return vol
 
-    def _ensure_image(self, seg: Segmenter, src: Source, report: Report | None = None) -> None:
-        """Runs in a worker: give the segmenter the source's image (embedding cached)."""
-        if self._embedded == src.key and seg.image_shape is not None:
-            return
-        if src.kind == "volume":
-            seg.set_normalized(self._volume(src)[src.z], progress=report)
-        else:
-            data = layer_array(src.layer)
-            seg.set_image(data, channel_axis=src.channel_axis, channels=src.channels, progress=report)
-        self._embedded = src.key
+    def _ensure_image(self, seg: Segmenter, src: Source, report: Report | None = None, embed: bool = True,
+                      region: tuple[float, float, float, float] | None = None) -> None:
+        """Runs in a worker: give the segmenter the source's image; with ``embed`` compute the
+        features of its tiles overlapping ``region`` (all when None; cached). Without, the
+        engine embeds the tiles a prompt needs when it needs them."""
+        if self._embedded != src.key or seg.image_shape is None:
+            if src.kind == "volume":
+                seg.set_normalized(self._volume(src)[src.z], embed=False)
+            else:
+                data = layer_array(src.layer)
+                seg.set_image(data, channel_axis=src.channel_axis, channels=src.channels, embed=False)
+            self._embedded = src.key
+        if embed:
+            seg.embed_tiles(region, progress=report)
 
     def _on_image_changed(self, *_) -> None:
         if not alive(self):
@@ -403,12 +407,21 @@ class SegmentWidget(QWidget):
         return (seg, src) if seg is not None and src is not None else (None, None)
 
     def prefetch(self) -> None:
-        """Compute the embedding of the current image / slice in the background."""
+        """Compute the embedding of the current image / slice in the background: on a large
+        (tiled) image the tiles on screen first, then, as a separate job that prompts given
+        meanwhile overtake, the others."""
         seg, src = self._current()
         if seg is None or src.key == self._embedded:
             return
-        self.jobs.submit("embed", lambda report: self._ensure_image(seg, src, report), desc="embedding",
-                         coalesce=True)
+        region = visible_region(self.viewer, src.layer, src.channel_axis)
+
+        def rest(_):
+            if region is not None and self._embedded == src.key:
+                self.jobs.submit("embed", lambda report: self._ensure_image(seg, src, report), desc="embedding",
+                                 coalesce=True)
+
+        self.jobs.submit("embed", lambda report: self._ensure_image(seg, src, report, region=region), rest,
+                         desc="embedding", coalesce=True)
 
     # ------------------------------------------------------------------------------------------- prompts
     def _layer(self, name: str):
@@ -544,7 +557,7 @@ class SegmentWidget(QWidget):
                 return
 
         def job(report: Report):
-            self._ensure_image(seg, src, report)
+            self._ensure_image(seg, src, report, embed=False)  # only the tiles the prompt needs
             return seg.predict(points=pts, labels=labels, box=box, text=text)
 
         self.jobs.submit("predict", job, lambda res: self._set_preview(src, *res), coalesce=True)
