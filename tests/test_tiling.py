@@ -61,7 +61,9 @@ def test_stitch_merges_an_object_seen_by_two_tiles_and_keeps_neighbours_apart():
     assert max(iou(d, touching) for d in dense) == 1.0 and max(iou(d, left_only) for d in dense) == 1.0
 
 
-def test_box_prompt_is_routed_to_one_tile():
+def _tiled_segmenter():
+    """A tiny model's segmenter on a 192² image in 16 tiles, nothing embedded yet; and the list
+    its image encoder appends to on each run."""
     torch.manual_seed(0)
     model = ClipSam(tiny_config("pseudo"))
     calls = []
@@ -69,6 +71,11 @@ def test_box_prompt_is_routed_to_one_tile():
     seg = Segmenter(model)
     seg.set_image(np.random.default_rng(0).random((192, 192)), embed=False)
     assert len(seg.tiles) == 16 and not calls
+    return seg, calls
+
+
+def test_box_prompt_is_routed_to_one_tile():
+    seg, calls = _tiled_segmenter()
     mask, _ = seg.predict(box=[86, 50, 106, 70])
     assert len(calls) == 1  # only the tile holding the box was embedded
     ys, xs = np.nonzero(mask)
@@ -81,13 +88,7 @@ def test_box_prompt_is_routed_to_one_tile():
 
 
 def test_embed_tiles_embeds_the_region_first_nearest_its_centre():
-    torch.manual_seed(0)
-    model = ClipSam(tiny_config("pseudo"))
-    calls = []
-    model.sam.image_encoder.patch_embed.register_forward_hook(lambda *a: calls.append(1))
-    seg = Segmenter(model)
-    seg.set_image(np.random.default_rng(0).random((192, 192)), embed=False)
-    assert len(seg.tiles) == 16 and not calls
+    seg, calls = _tiled_segmenter()
     order = []
     features = seg._features
     seg._features = lambda view: order.append(seg._views.index(view)) or features(view)  # record, then embed

@@ -76,24 +76,3 @@ def test_downsample_target_matches_model_frame():
     big[:64, :64] = True
     t3 = image_target(big, 64, 16)
     assert t3[:8, :8].min() == 1.0 and t3[8:, :].max() == 0.0
-
-
-def test_pixel_weights_scale_each_pixels_focal_loss():
-    torch.manual_seed(0)
-    logits = torch.randn(3, 1, 8, 8)
-    targets = (torch.rand(3, 1, 8, 8) > 0.5).float()
-    weights = torch.ones(3, 1, 8, 8)
-    weights[:, :, :4] = 4.0  # the top half counts four times
-    plain = focal_loss(logits, targets, alpha=None)
-    weighted = focal_loss(logits, targets, alpha=None, pixel_weights=weights)
-    per_pixel = focal_loss(logits.flatten()[:, None, None, None], targets.flatten()[:, None, None, None], alpha=None)
-    per_pixel = per_pixel.reshape(3, 1, 8, 8)
-    torch.testing.assert_close(weighted[:, 0], (per_pixel * weights).flatten(1).mean(1))
-    torch.testing.assert_close(focal_loss(logits, targets, alpha=None, pixel_weights=torch.ones(3, 1, 8, 8)), plain)
-    total_w, _ = mask_loss(logits, targets, weights=LossWeights(dice=0.0, iou=0.0), pixel_weights=weights)
-    total, _ = mask_loss(logits, targets, weights=LossWeights(dice=0.0, iou=0.0))
-    assert total_w > total
-    with pytest.raises(ValueError, match="pixel_weights"):
-        focal_loss(logits, targets, pixel_weights=torch.ones(3, 1, 4, 4))
-    with pytest.raises(ValueError, match="pixel_weights"):
-        focal_loss(logits, targets, pixel_weights=-weights)

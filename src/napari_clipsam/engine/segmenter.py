@@ -33,7 +33,7 @@ from ..models.fast import enable_fast_path, fast_inference
 from .cache import EmbeddingCache, WeightsFingerprint, digest
 from .instances import TEXT_THRESHOLD, Instances, mask_nms, paint_labels
 from .preprocess import Frame, frame_for, mask_to_prompt, normalize_image, postprocess_logits, to_model_input
-from .tiling import Tile, make_tiles, paste_cores, route, stitch
+from .tiling import Tile, covering, make_tiles, paste_cores, route, stitch
 
 log = logging.getLogger(__name__)
 
@@ -242,12 +242,7 @@ class Segmenter:
         r = np.asarray(region, np.float64).reshape(-1)
         if r.shape != (4,) or not np.isfinite(r).all() or r[2] <= r[0] or r[3] <= r[1]:
             raise ValueError(f"region must be (y0, x0, y1, x1) with y1 > y0 and x1 > x0, got {list(region)}")
-        r = np.clip(r, 0, [h, w, h, w])
-        wins = np.array([v.tile.window for v in self._views], np.float64)
-        hit = (wins[:, 0] < r[2]) & (r[0] < wins[:, 2]) & (wins[:, 1] < r[3]) & (r[1] < wins[:, 3])
-        centre = (r[:2] + r[2:]) / 2
-        dist = (((wins[:, :2] + wins[:, 2:]) / 2 - centre) ** 2).sum(1)
-        order = [i for i in np.argsort(dist, kind="stable") if hit[i]]
+        order = covering(self.tiles, np.clip(r, 0, [h, w, h, w]))
         if self._blank:
             return len(order)
         report = progress or self.progress

@@ -65,6 +65,16 @@ def route(tiles: list[Tile], box: tuple[float, float, float, float]) -> int | No
     return best
 
 
+def covering(tiles: list[Tile], region: tuple[float, float, float, float]) -> list[int]:
+    """Indices of the tiles whose window overlaps ``region`` (y0, x0, y1, x1), the window centre
+    nearest the region's centre first."""
+    r = np.asarray(region, np.float64)
+    wins = np.array([t.window for t in tiles], np.float64).reshape(-1, 4)
+    hit = (wins[:, 0] < r[2]) & (r[0] < wins[:, 2]) & (wins[:, 1] < r[3]) & (r[1] < wins[:, 3])
+    dist = (((wins[:, :2] + wins[:, 2:]) / 2 - (r[:2] + r[2:]) / 2) ** 2).sum(1)
+    return [int(i) for i in np.argsort(dist, kind="stable") if hit[i]]
+
+
 def _touches_core(inst: Instances, i: int, core: tuple[int, int, int, int]) -> bool:
     return bool(inst.window(i, np.asarray(core)).any())
 
@@ -114,4 +124,4 @@ def paste_cores(tiles: list[Tile], parts: list[np.ndarray], shape: tuple[int, in
     return out
 
 
-__all__ = ["Tile", "make_tiles", "paste_cores", "route", "stitch"]
+__all__ = ["Tile", "covering", "make_tiles", "paste_cores", "route", "stitch"]

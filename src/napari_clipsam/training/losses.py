@@ -41,11 +41,10 @@ def _check(logits: torch.Tensor, targets: torch.Tensor) -> None:
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float | None = 0.25,
-               gamma: float = 2.0, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+               gamma: float = 2.0) -> torch.Tensor:
     """Sigmoid focal loss per mask → (N, M), mean over pixels.
 
-    ``targets`` may be soft (float in [0, 1], e.g. area-downsampled masks); ``pixel_weights``
-    (same shape, non-negative) multiply each pixel's loss before the mean.
+    ``targets`` may be soft (float in [0, 1], e.g. area-downsampled masks).
     """
     _check(logits, targets)
     logits = logits.float()
@@ -56,11 +55,6 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float | None 
     loss = ce * (1 - p_t) ** gamma
     if alpha is not None and alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    if pixel_weights is not None:
-        if pixel_weights.shape != loss.shape or bool((pixel_weights < 0).any()):
-            raise ValueError(f"pixel_weights must be non-negative with shape {tuple(loss.shape)}, "
-                             f"got {tuple(pixel_weights.shape)}")
-        loss = loss * pixel_weights.to(loss)
     return loss.flatten(2).mean(-1)
 
 
@@ -88,8 +82,7 @@ def mask_iou(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.0
 
 def mask_loss(logits: torch.Tensor, targets: torch.Tensor, iou_pred: torch.Tensor | None = None,
               weights: LossWeights | None = None,
-              sample_weights: torch.Tensor | None = None,
-              pixel_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+              sample_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """SAM's loss for N predicted masks.
 
     Parameters
@@ -100,8 +93,6 @@ def mask_loss(logits: torch.Tensor, targets: torch.Tensor, iou_pred: torch.Tenso
     weights : loss weights (default :class:`LossWeights`).
     sample_weights : (N,) non-negative per-mask weights (e.g. empty slices down-weighted); the
         loss is their weighted mean.
-    pixel_weights : (N, 1, m, m) non-negative weights of each pixel in the focal term (e.g. more
-        weight on other objects, where a mask must not leak).
 
     Returns
     -------
@@ -112,7 +103,7 @@ def mask_loss(logits: torch.Tensor, targets: torch.Tensor, iou_pred: torch.Tenso
     n = logits.shape[0]
     if n == 0:
         raise ValueError("mask_loss got no masks (N = 0)")
-    focal = focal_loss(logits, targets, w.focal_alpha, w.focal_gamma, pixel_weights).mean(1)
+    focal = focal_loss(logits, targets, w.focal_alpha, w.focal_gamma).mean(1)
     dice = dice_loss(logits, targets).mean(1)
     actual = mask_iou(logits.detach(), targets).mean(1)
     if sample_weights is None:
