@@ -22,7 +22,7 @@ Rows (see the issue "Fast path and benchmark suite"):
    (one point, mask at image size) and our bare ``ClipSam.decode`` (low-res logits).
 3. new text on an embedded image: ``ClipSam.condition`` with a never-seen text, per strategy,
    relative to that strategy's full encode.
-4. text → instance labels on an embedded 1024² image with ~100 nuclei: ``Segmenter.segment_text``
+4. text → instance labels on an embedded 1024² image with ~100 nuclei: ``Segmenter.segment_text`` (both seeds modes)
    vs ``SamAutomaticMaskGenerator`` (32×32 points, defaults). Random weights give arbitrary
    semantic maps, so the text's semantic map is replaced by the image's ground-truth nucleus mask
    (what a trained model would give): the pipeline (thresholds, region splitting, one batched
@@ -384,26 +384,31 @@ def row_text_instances(models: Models, image01: np.ndarray, mask: np.ndarray, qu
     seg = Segmenter(m, tile_size=0)
     seg.set_normalized(image01)
     counter = iter(range(10**6))
-    out = {}
-
-    def run():
-        with fast.fast_inference(m, autocast=False):
-            out["r"] = seg.segment_text(f"nucleus {next(counter)}", min_score=0.0)  # random weights: any IoU
-
-    t = timeit(run, repeat=2 if quick else 3, warmup=1)
-    n = len(out["r"])
     from scipy import ndimage
 
-    from napari_clipsam.models.conditioning import pseudo_prompts
+    from napari_clipsam.engine.instances import TEXT_THRESHOLD
+    from napari_clipsam.models.conditioning import grid_seeds, pseudo_prompts
 
     low = torch.sigmoid(m.semantic_logits(seg._encoded(seg._views[0], TEXT)))[0, 0].numpy()
-    n_prompts = len(pseudo_prompts(low, threshold=0.5, min_area=1))  # as segment_text at 1024²
     n_true = ndimage.label(mask)[1]
-    rows.append({"row": 4, "case": "ours: Segmenter.segment_text on embedded image (ssp, new text)", "size": "1024²",
-                 "s": t, "note": f"{n_prompts} regions decoded in one batch → {n} instances after NMS "
-                                 f"(ground truth: 160 nuclei in {n_true} connected groups)"})
-    res["text_instances_s"] = t["min"]
-    res["text_instances_n"] = n
+    n_prompts = {"grid": len(grid_seeds(low, threshold=TEXT_THRESHOLD)),  # as segment_text at 1024²
+                 "regions": len(pseudo_prompts(low, threshold=TEXT_THRESHOLD, min_area=1))}
+    for seeds in ("grid", "regions"):
+        out = {}
+
+        def run(seeds=seeds, out=out):
+            with fast.fast_inference(m, autocast=False):
+                out["r"] = seg.segment_text(f"nucleus {next(counter)}", min_score=0.0, seeds=seeds)  # random weights: any IoU
+
+        t = timeit(run, repeat=2 if quick else 3, warmup=1)
+        n = len(out["r"])
+        what = "grid points" if seeds == "grid" else "regions"
+        rows.append({"row": 4, "case": f"ours: Segmenter.segment_text(seeds={seeds!r}) on embedded image (ssp, new text)",
+                     "size": "1024²", "s": t,
+                     "note": f"{n_prompts[seeds]} {what} decoded → {n} instances "
+                             f"(ground truth: 160 nuclei in {n_true} connected groups)"})
+        res[f"text_instances_{seeds}_s"] = t["min"]
+        res[f"text_instances_{seeds}_n"] = n
 
     side = 16 if quick else 32
     amg = SamAutomaticMaskGenerator(models.stock_sam, points_per_side=side)
@@ -416,7 +421,7 @@ def row_text_instances(models: Models, image01: np.ndarray, mask: np.ndarray, qu
                  "note": f"{len(outa['m'])} masks kept (random weights: most fail its IoU/stability filters)"})
     rows.append({"row": 4, "case": "stock AMG without its embedding (generate − set_image)", "size": "1024²",
                  "s": {"min": post, "median": post, "n": 1},
-                 "ours_speedup": post / t["min"]})
+                 "ours_speedup": {k: post / res[f"text_instances_{k}_s"] for k in ("grid", "regions")}})
     rows.append({"row": 4, "case": "micro-sam automatic segmentation", "size": "1024²", "s": None,
                  "note": "not run: micro-sam is not installed here (conda-forge deps) and needs a weights download"})
 
@@ -623,8 +628,11 @@ def fmt_time(r: dict) -> str:
 def fmt_ratio(r: dict) -> str:
     for key, label in (("vs_stock", "× stock"), ("vs_full_embedding", "× full emb."), ("ours_speedup", "ours faster ×"),
                        ("vs_peer", "× peer"), ("vs_lora_no_cache", "× LoRA w/o cache")):
-        if r.get(key) is not None:
-            return f"{r[key]:.2f} {label}" if key != "ours_speedup" else f"{label}{r[key]:.1f}"
+        if r.get(key) is None:
+            continue
+        if key == "ours_speedup":  # {seeds mode: speed-up}
+            return ", ".join(f"{k} {label}{v:.1f}" for k, v in r[key].items())
+        return f"{r[key]:.2f} {label}"
     return ""
 
 

@@ -8,16 +8,16 @@ z-slices of volumes) for the three concepts, with the synonym lists of that modu
 row is one (image, text) pair, encoded once and decoded several ways — the ways the product
 decodes:
 
-- text only → the union mask of the concept (the semantic map of ``segment_text``); a text
-  naming a concept absent from the image → an empty mask;
-- pseudo prompt → a point in one instance + the thresholded region around it as mask prompt →
-  that instance (the instance step of ``segment_text``);
-- one click, several clicks (sometimes one negative), or a box → one instance (manual mode).
+- text only → the union mask of the concept, with a thin gap where objects of the concept
+  touch (the semantic map of ``segment_text``); a text naming a concept absent from the image →
+  an empty mask;
+- one click (also the instance step of ``segment_text``, which clicks the text's regions), several
+  clicks (sometimes one negative), or a box → one instance (manual mode).
 
 Deterministic given ``--seed`` (same torch build; one worker process makes the data). The
-shipped demo was made with (≈ 27 min on 2 CPU cores; its metadata records the run)::
+shipped demo was made with (26 min of training on 2 CPU cores; its metadata records the run)::
 
-    python scripts/train_demo.py --steps 1500 --seed 0
+    python scripts/train_demo.py --steps 2200 --seed 0
 """
 
 from __future__ import annotations
@@ -62,14 +62,17 @@ class _Item:
     """One training image (already rotated/flipped) with what the tasks need, precomputed once.
 
     ``image``: (H, W) float16 normalised intensities; ``labels``: (H, W) instance ids;
-    ``ids``: concept → its instance ids; ``comps``: concept → connected components of its union
-    mask; ``deep``: instance id → (n, 2) (x, y) pixel centres at least half as deep as its deepest.
+    ``ids``: concept → its instance ids; ``gaps``: concept → (H, W) bool, the pixels of its
+    objects within ``TOUCH_GAP`` px of another object of the same concept (left out of the
+    text-only target, so touching objects stay apart in the semantic map); ``deep``: instance id →
+    (n, 2) (x, y) pixel centres at least 0.3× as deep as its deepest (where clicks land: users,
+    and ``segment_text``'s grid of seeds, do not always click the centre).
     """
 
     image: np.ndarray
     labels: np.ndarray
     ids: dict[str, list[int]]
-    comps: dict[str, np.ndarray]
+    gaps: dict[str, np.ndarray]
     deep: dict[int, np.ndarray]
 
     @property
@@ -77,18 +80,32 @@ class _Item:
         return [c for c in CONCEPTS if self.ids.get(c)]
 
 
+TOUCH_GAP = 2  # px (Chebyshev) kept free between touching objects of one concept in the text target
+
+
+def _touch_gap(labels: np.ndarray, ids: list[int], gap: int) -> np.ndarray:
+    """Pixels of the objects ``ids`` lying within ``gap`` px of a different one of them."""
+    own = np.where(np.isin(labels, ids), labels, 0)
+    size = 2 * gap + 1
+    top = int(own.max()) + 1
+    highest = ndimage.maximum_filter(own, size=size)
+    lowest = top - ndimage.maximum_filter(np.where(own > 0, top - own, 0), size=size)
+    return (own > 0) & ((highest != own) | (lowest != own))
+
+
 def _item(image: np.ndarray, labels: np.ndarray, classes: dict[int, str]) -> _Item:
     present_ids = set(np.unique(labels[labels > 0]).tolist())
     ids = {c: sorted(i for i, k in classes.items() if k == c and i in present_ids) for c in CONCEPTS}
-    comps = {c: ndimage.label(np.isin(labels, v))[0] for c, v in ids.items() if v}
+    labels = labels.astype(np.int32)
+    gaps = {c: _touch_gap(labels, v, TOUCH_GAP) for c, v in ids.items() if v}
     deep = {}
     for i, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is None or i not in present_ids:
             continue
         dist = ndimage.distance_transform_edt(np.pad(labels[sl] == i, 1))[1:-1, 1:-1]
-        ys, xs = np.nonzero(dist >= max(1.0, 0.5 * dist.max()))
+        ys, xs = np.nonzero(dist >= max(1.0, 0.3 * dist.max()))
         deep[i] = np.stack([xs + sl[1].start, ys + sl[0].start], 1).astype(np.float32) + 0.5
-    return _Item(normalize_image(image)[..., 0].astype(np.float16), labels.astype(np.int32), ids, comps, deep)
+    return _Item(normalize_image(image)[..., 0].astype(np.float16), labels, ids, gaps, deep)
 
 
 def _fresh_item(rng: np.random.Generator, volume_fraction: float = 0.1) -> _Item:
@@ -118,31 +135,21 @@ def _down(mask: np.ndarray, m: int) -> np.ndarray:
     return mask.reshape(m, f, m, f).mean((1, 3), dtype=np.float32)
 
 
-INSTANCE_KINDS = ("pseudo", "point", "points", "box")
-INSTANCE_P = (0.3, 0.3, 0.2, 0.2)
+INSTANCE_KINDS = ("point", "points", "box")
+INSTANCE_P = (0.5, 0.25, 0.25)
 
 
 def instance_task(item: _Item, concept: str, kind: str, npos: int, rng: np.random.Generator, m: int,
                   size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """One instance of ``concept`` and a prompt of ``kind`` for it → (prompt arrays, (m, m) target).
 
-    ``pseudo``: a point in the instance + the region the thresholded semantic map would give
-    (its connected component of the concept's union mask, or the instance itself, sometimes grown)
-    as mask prompt; ``point``: one click; ``points``: ``npos`` clicks, the last sometimes a negative
-    one just outside; ``box``: its bounding box with jitter.
+    ``point``: one click; ``points``: ``npos`` clicks, the last sometimes a negative one just
+    outside; ``box``: its bounding box with jitter.
     """
     k = item.ids[concept][int(rng.integers(len(item.ids[concept])))]
     target = item.labels == k
     deep = item.deep[k]
     click = deep[int(rng.integers(len(deep)))]
-    if kind == "pseudo":
-        comp = item.comps[concept]
-        region = (comp == comp[int(click[1]), int(click[0])]) if rng.random() < 0.7 else target
-        low = _down(region, m) > 0.5
-        if rng.random() < 0.5:
-            low = ndimage.binary_dilation(low, iterations=1)
-        return {"points": click[None], "labels": np.ones(1, np.float32),
-                "masks": ((low.astype(np.float32) * 2 - 1) * 8)[None]}, _down(target, m)
     if kind == "point":
         return {"points": click[None], "labels": np.ones(1, np.float32)}, _down(target, m)
     if kind == "points":
@@ -171,7 +178,7 @@ TEXT_WEIGHT, INSTANCE_WEIGHT = 1.5, 0.5  # loss weight of a text-only mask and o
 
 def make_batch(batch: int, rng: np.random.Generator, m: int, size: int):
     """A batch of ``batch`` fresh (image, text) rows, each decoded as text only (→ the concept's union
-    mask, empty when absent) and, when the concept is present, with ``INSTANCES_PER_ROW`` instance
+    mask less its touch gaps, empty when absent) and, when the concept is present, with ``INSTANCES_PER_ROW`` instance
     prompts → (images (B, 3, S, S), texts, [Prompts per kind], targets (N, 1, m, m), weights (N,))."""
     images, texts = [], []
     groups: dict[str, list] = {"text": []}
@@ -188,7 +195,10 @@ def make_batch(batch: int, rng: np.random.Generator, m: int, size: int):
         else:
             concept = present[int(rng.integers(len(present)))]
         texts.append(SYNONYMS[concept][int(rng.integers(len(SYNONYMS[concept])))])
-        union = np.isin(item.labels, item.ids[concept]) if item.ids[concept] else np.zeros((size, size), bool)
+        if item.ids[concept]:
+            union = np.isin(item.labels, item.ids[concept]) & ~item.gaps[concept]
+        else:
+            union = np.zeros((size, size), bool)
         groups["text"].append((b, {}, _down(union, m), TEXT_WEIGHT))
         if concept in present:
             for _ in range(INSTANCES_PER_ROW):
@@ -256,7 +266,8 @@ def train(steps: int, batch: int, seed: int, lr: float, out: Path | None, log_ev
         stages.append({"seed": seed, "steps": steps, "batch": batch, "lr": lr,
                        "train_seconds": round(train_s, 1), "init": "previous stage" if init is not None else "random"})
         meta = {"name": "demo", "trained_by": "scripts/train_demo.py", "seed": seed, "steps": steps, "batch": batch, "lr": lr,
-                "instances_per_row": INSTANCES_PER_ROW, "p_absent_text": P_ABSENT_TEXT, "train_seconds": round(sum(st["train_seconds"] for st in stages), 1),
+                "instances_per_row": INSTANCES_PER_ROW, "instance_prompts": dict(zip(INSTANCE_KINDS, INSTANCE_P)),
+                "touch_gap_px": TOUCH_GAP, "p_absent_text": P_ABSENT_TEXT, "train_seconds": round(sum(st["train_seconds"] for st in stages), 1),
                 "stages": stages, "concepts": list(CONCEPTS),
                 "synonyms": {k: list(v) for k, v in SYNONYMS.items()}, "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "data": "fresh napari_clipsam.data.synthetic images (make_image, 10 % make_volume slices), seeds < 100000"}

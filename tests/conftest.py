@@ -17,3 +17,11 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.mktemp("clipsam-cache")
     monkeypatch.setenv("NAPARI_CLIPSAM_CACHE", str(cache))
     yield cache
+
+
+@pytest.fixture
+def fp32(monkeypatch):
+    """Inference in fp32 even on CPUs with native bf16 (where the fast path autocasts): for tests that
+    compare two computations exactly or rest on a tiny model's fine numerics. The bf16 path's own
+    tolerances are tested in test_fast.py."""
+    monkeypatch.setenv("NAPARI_CLIPSAM_BF16", "0")

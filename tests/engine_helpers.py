@@ -1,8 +1,9 @@
 """Shared by the engine tests: bright-blob images/volumes and a tiny ClipSam trained on them.
 
 The trained model (``blob_model()``) learns, in a few hundred steps on one CPU thread, the ways
-the engine decodes: the text "blob" → the union of blobs (semantic map), a point + region mask →
-that blob (pseudo prompts), a box → that blob (manual), and a point + box + the neighbouring
+the engine decodes: the text "blob" → the union of blobs (semantic map), a click inside a blob →
+that blob (segment_text's grid seeds), a point + region mask → that blob (its region seeds), a
+box → that blob (manual), and a point + box + the neighbouring
 slice's mask → that blob, or nothing where the blob has ended (propagation). Only the decoder and
 the semantic head train (the encoders stay random and frozen). Built once per test process
 (~30-60 s on one loaded CPU thread), so the tests using it are marked ``slow``.
@@ -92,9 +93,14 @@ def _prompts(rng, scene, k, kind, m):
     target = scene[1][k]
     x, y = scene[3][k]
     ys, xs = np.nonzero(target)
-    if kind == "pseudo":  # the blob's region (sometimes grown) + its deepest point
+    if kind == "pseudo":  # the blob's region (sometimes grown) + its deepest point (seeds="regions")
         region = ndimage.binary_dilation(target, iterations=int(rng.integers(1, 3))) if rng.random() < 0.5 else target
         return {"points": [[[x, y]]], "labels": [[1]], "masks": ((_down(region, m) * 2 - 1) * 8)[None]}
+    if kind == "seed":  # a click anywhere but the rim, as segment_text's grid seeds land
+        dist = ndimage.distance_transform_edt(np.pad(target, 1))[1:-1, 1:-1]
+        sy, sx = np.nonzero(dist >= max(1.0, 0.3 * dist.max()))
+        i = int(rng.integers(len(sy)))
+        return {"points": [[[sx[i] + 0.5, sy[i] + 0.5]]], "labels": [[1]]}
     if kind == "box":
         box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32) + rng.normal(0, 1, 4)
         return {"boxes": [box.tolist()]}
@@ -107,7 +113,7 @@ def _prompts(rng, scene, k, kind, m):
     return {"points": [[[px, py]]], "labels": [[1]], "boxes": [box], "masks": ((_down(prev, m) * 2 - 1) * 8)[None]}
 
 
-def train_blob_model(steps: int = 300, batch: int = 16, pool: int = 192, seed: int = 0) -> ClipSam:
+def train_blob_model(steps: int = 375, batch: int = 16, pool: int = 192, seed: int = 0) -> ClipSam:
     """Train the decoder and the semantic head (the encoders stay random and frozen, so image
     features are computed once for the pool) on blob scenes."""
     torch.manual_seed(seed)
@@ -140,7 +146,7 @@ def train_blob_model(steps: int = 300, batch: int = 16, pool: int = 192, seed: i
         g.patches = torch.where(sel, g.patches, f.patches)
         enc_all = model.condition(f, [TEXT] * batch)
         enc_gone = model.condition(g, [TEXT] * batch)
-        for kind in ("sem", "pseudo", "box", "prop"):
+        for kind in ("sem", "seed", "pseudo", "box", "prop"):
             use_gone = kind == "prop"
             enc = enc_gone if use_gone else enc_all
             if kind == "sem":

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from napari_clipsam.models.clipsam import ClipSam, Prompts, tiny_config
-from napari_clipsam.models.conditioning import pseudo_prompts
+from napari_clipsam.models.conditioning import grid_seeds, pseudo_prompts
 
 STRATEGIES = ["adapter", "ssp", "pseudo"]
 
@@ -255,3 +256,44 @@ def test_text_features_match_open_clip_encode_text():
             e = e - F.normalize(clip.encode_text(tok([t.format("").strip() for t in sem.templates])), dim=-1).mean(0)
             torch.testing.assert_close(got.embedding[i], F.normalize(e, dim=-1), rtol=1e-5, atol=1e-6)
     assert got.token_mask[0].sum() == len("nucleus") + 2  # start + characters + end
+
+
+def test_grid_seeds_reach_touching_objects_and_thin_ones():
+    prob = np.zeros((40, 60), np.float32)
+    yy, xx = np.mgrid[:40, :60]
+    prob[(yy - 12) ** 2 + (xx - 10) ** 2 <= 64] = 1.0  # two touching disks, one region, no neck test
+    prob[(yy - 12) ** 2 + (xx - 25) ** 2 <= 64] = 1.0
+    prob[30:32, 5:55] = 0.9  # a thin rod, 2 cells wide: depth 1 everywhere
+    prob[36, 58] = 0.8  # one cell: below min_area
+    gs = grid_seeds(prob, threshold=0.5, stride=2, min_area=2)
+    assert set(np.unique(gs.regions).tolist()) == {0, 1, 2} and not gs.regions[36, 58]
+    in_disk = lambda cy, cx: ((gs.points[:, 1] - 0.5 - cy) ** 2 + (gs.points[:, 0] - 0.5 - cx) ** 2 <= 64)  # noqa: E731
+    assert in_disk(12, 10).sum() >= 3 and in_disk(12, 25).sum() >= 3  # both objects seeded
+    rod = gs.points[(gs.points[:, 1] > 29) & (gs.points[:, 1] < 33)]
+    assert len(rod) >= 10  # the thin rod keeps its midline
+    inner = gs.points[gs.region == gs.regions[12, 10]]
+    assert all(prob[int(y), int(x)] == 1.0 for x, y in inner)
+    # Rims are left out: every disk seed lies ≥ 1.5 cells from the edge.
+    depth = ndimage.distance_transform_edt(np.pad(prob > 0.5, 1))[1:-1, 1:-1]
+    assert all(depth[int(y), int(x)] >= 1.5 for x, y in inner)
+    # A region too small for the grid still gets its deepest cell.
+    dot = np.zeros((10, 10), np.float32)
+    dot[3, 3] = 1.0
+    one = grid_seeds(dot, stride=4)
+    assert one.points.tolist() == [[3.5, 3.5]] and one.region.tolist() == [1]
+    assert len(grid_seeds(np.zeros((8, 8)))) == 0
+    with pytest.raises(ValueError, match="H, W"):
+        grid_seeds(np.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match="NaN"):
+        grid_seeds(np.full((4, 4), np.nan))
+    with pytest.raises(ValueError, match="stride"):
+        grid_seeds(dot, stride=0)
+
+
+def test_prompts_slice_in_chunks():
+    p = Prompts(torch.arange(5), points=torch.rand(5, 2, 2), labels=torch.ones(5, 2), boxes=torch.rand(5, 4))
+    part = p[1:3]
+    assert len(part) == 2 and part.image_index.tolist() == [1, 2]
+    assert torch.equal(part.points, p.points[1:3]) and torch.equal(part.boxes, p.boxes[1:3]) and part.masks is None
+    with pytest.raises(TypeError, match="slice"):
+        p[0]

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from napari_clipsam.engine.instances import Instances, label_overlap, mask_nms, paint_labels
+from napari_clipsam.engine.instances import Instances, consensus_nms, label_overlap, mask_nms, paint_labels
 
 
 def _square(shape, y0, x0, y1, x1):
@@ -55,3 +55,41 @@ def test_label_overlap():
     np.testing.assert_allclose(iou[:, 0], [4 / 12, 4 / 12])
     _, _, contain = label_overlap(a, b, metric="min")
     np.testing.assert_allclose(contain[:, 0], [0.5, 0.5])
+
+
+def test_consensus_keeps_the_objects_most_seeds_agree_on_not_their_union():
+    shape = (20, 40)
+    a, b = _square(shape, 2, 2, 18, 20), _square(shape, 2, 20, 18, 38)  # two touching objects
+    union = a | b
+    masks = [a, a, _square(shape, 3, 2, 18, 20), b, b, _square(shape, 2, 21, 18, 38), union]
+    scores = [0.6, 0.7, 0.6, 0.5, 0.6, 0.6, 0.99]  # the union has the best predicted IoU
+    keep, votes = consensus_nms(np.stack(masks), np.array(scores))
+    assert votes.tolist() == [3, 3, 3, 3, 3, 3, 1]
+    assert keep.tolist() == [1, 4]  # a and b (their best-scored copies), not the union
+    # Without the coverage and parts rules the union, overlapping each object by IoU 1/2 only,
+    # would survive.
+    keep, _ = consensus_nms(np.stack(masks), np.array(scores), max_covered=1.0, prefer_parts=False)
+    assert keep.tolist() == [1, 4, 6]
+    # A decoder merging the two from most seeds: the union has the most votes, yet its parts win.
+    merged = [union] * 4 + [a, a, b, b]
+    keep, votes = consensus_nms(np.stack(merged), np.full(8, 0.5))
+    assert votes.tolist() == [4, 4, 4, 4, 2, 2, 2, 2] and sorted(keep.tolist()) == [4, 6]
+    keep, _ = consensus_nms(np.stack(merged), np.full(8, 0.5), prefer_parts=False)
+    assert keep.tolist() == [0]
+    # A mask no other agrees with is still kept when nothing covers it; empty masks never are.
+    keep, votes = consensus_nms(np.stack([a, np.zeros(shape, bool)]), np.array([0.1, 0.9]))
+    assert keep.tolist() == [0] and votes.tolist() == [1, 0]
+    assert len(consensus_nms(np.zeros((0, 4, 4), bool), np.zeros(0))[0]) == 0
+
+
+def test_rank_orders_nms_and_painting_and_survives_filter_cat_union():
+    shape = (20, 20)
+    a, a2 = _square(shape, 0, 0, 10, 10), _square(shape, 0, 0, 10, 11)
+    inst = Instances.from_dense(np.stack([a, a2]), [0.9, 0.5], rank=[1.0, 7.0])
+    assert mask_nms(inst).scores.tolist() == [np.float32(0.5)]  # the higher rank wins, not the score
+    labels, scores = paint_labels(inst, shape)
+    assert list(scores.values()) == [np.float32(0.5).item()] and labels.sum() == a2.sum()
+    both = Instances.cat([inst, inst.filter([1])])
+    assert both.rank.tolist() == [1.0, 7.0, 7.0]
+    assert both.union([[0, 1]]).rank.tolist() == [7.0]
+    assert Instances.from_dense(np.stack([a]), [0.3]).rank.tolist() == [np.float32(0.3).item()]

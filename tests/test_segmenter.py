@@ -192,7 +192,7 @@ def test_from_pretrained_loads_a_clipsam_file(tmp_path):
     torch.testing.assert_close(seg.predict_torch(points=[[10, 20]])[0], _fresh_prediction(model, _image(), points=[[10, 20]]))
 
 
-def test_set_adapter_file_matches_finetuned_model(tmp_path):
+def test_set_adapter_file_matches_finetuned_model(tmp_path, fp32):
     """An adapter file from fine-tuning, applied through Segmenter.set_adapter to a fresh copy of
     the base, gives the fine-tuned model's masks; embeddings of the base are not reused."""
     import copy

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from engine_helpers import blob_model, disk, iou, render
+from engine_helpers import disk, iou
 
 from napari_clipsam.engine.instances import Instances
 from napari_clipsam.engine.segmenter import Segmenter
@@ -104,24 +104,36 @@ def test_embed_tiles_embeds_the_region_first_nearest_its_centre():
 
 
 @pytest.mark.slow
-def test_object_across_a_tile_border_gets_exactly_one_label():
-    """An image 3x the model input; a blob straddling a core border between tiles (x = 96)."""
-    seg = Segmenter(blob_model())
-    shape = (192, 192)
-    objs = [disk(shape, 60, 96, 12), disk(shape, 150, 40, 9), disk(shape, 140, 150, 10)]
-    seg.set_image(render(objs, np.random.default_rng(5), shape))
-    assert len(seg.tiles) == 16 and any(t.core[3] == 96 for t in seg.tiles)
-    res = seg.segment_text("blob")
-    assert len(res) == 3
-    for obj in objs:
-        ids = np.unique(res.labels[obj])
-        ids = ids[ids > 0]
-        assert len(ids) == 1, ids  # exactly one label on the object
-        assert iou(res.labels == ids[0], obj) >= 0.5
-    # Without merging, the straddling blob keeps only one tile's truncated piece.
-    unmerged = seg.segment_text("blob", merge_iou=1.01)
-    k = np.bincount(unmerged.labels[objs[0]]).argmax()
-    assert iou(unmerged.labels == k, objs[0]) < iou(res.labels == np.bincount(res.labels[objs[0]]).argmax(), objs[0])
-    ys, xs = np.nonzero(objs[0])
-    mask, score = seg.predict(box=[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-    assert iou(mask, objs[0]) >= 0.3 and not mask[:, :60].any() and not mask[:, 130:].any()
+def test_objects_across_tile_borders_get_exactly_one_label():
+    """Demo model on a 768² image (3× its input): 16 tiles; every nucleus straddling a core border
+    that is found is one label (no second label on a quarter of it), and a box on one gives it."""
+    from napari_clipsam.data.synthetic import make_image
+    from napari_clipsam.models.registry import load_model, model_status
+
+    if model_status("demo") == "not built":
+        pytest.skip("demo model file not built")
+    seg = Segmenter(load_model("demo"))
+    sample = make_image(1_000_900, size=768, concepts=("nucleus",), counts={"nucleus": 45})
+    seg.set_image(sample.image)
+    assert len(seg.tiles) == 16
+    borders_y = {t.core[0] for t in seg.tiles} - {0}
+    borders_x = {t.core[1] for t in seg.tiles} - {0}
+    gt = sample.instance_labels("nucleus")
+    res = seg.segment_text("nucleus")
+    straddling, found = [], 0
+    for k in range(1, int(gt.max()) + 1):
+        obj = gt == k
+        ys, xs = np.nonzero(obj)
+        if not any(ys.min() < b <= ys.max() for b in borders_y) and not any(xs.min() < b <= xs.max() for b in borders_x):
+            continue
+        straddling.append(obj)
+        ids, counts = np.unique(res.labels[obj], return_counts=True)
+        ids, counts = ids[ids > 0], counts[ids > 0]
+        if not len(ids) or iou(res.labels == ids[np.argmax(counts)], obj) < 0.5:
+            continue
+        found += 1
+        assert np.sort(counts)[::-1][1:2].sum() < 0.25 * obj.sum(), (k, ids, counts)  # one label, not pieces
+    assert len(straddling) >= 8 and found >= 0.7 * len(straddling), (found, len(straddling))  # measured 10 of 12
+    ys, xs = np.nonzero(straddling[0])
+    mask, _ = seg.predict(box=[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    assert iou(mask, straddling[0]) >= 0.5

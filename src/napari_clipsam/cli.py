@@ -664,7 +664,7 @@ def _finetune(args: argparse.Namespace) -> int:
     meta = {"cli": {"images": [str(p) for p in images], "labels": [str(p) for p in labels], "text": text}}
     save_adapter(out, model, metadata=meta, overwrite=args.overwrite)
     if not args.quiet:
-        keys = ("iou_points", "iou_box", "iou_text", "iou_pseudo", "val_iou")
+        keys = ("iou_points", "iou_box", "iou_text", "val_iou")
 
         def fmt(m: dict) -> str:
             return "  ".join(f"{k} {m[k]:.3f}" for k in keys if k in m and m[k] == m[k])

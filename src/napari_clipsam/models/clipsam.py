@@ -135,6 +135,13 @@ class Prompts:
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Prompts(self.image_index.to(device), mv(self.points), mv(self.labels), mv(self.boxes), mv(self.masks))
 
+    def __getitem__(self, rows: slice) -> "Prompts":
+        """The prompts of ``rows`` (a slice), e.g. to decode many prompts in chunks."""
+        if not isinstance(rows, slice):
+            raise TypeError(f"Prompts can be indexed by a slice only, got {type(rows).__name__}")
+        cut = lambda t: None if t is None else t[rows]  # noqa: E731
+        return Prompts(self.image_index[rows], cut(self.points), cut(self.labels), cut(self.boxes), cut(self.masks))
+
 
 class ClipSam(nn.Module):
     """A text-conditioned SAM. See the module docstring for the flow.
@@ -318,12 +325,12 @@ class ClipSam(nn.Module):
         b, cu, hu, wu = up.shape
         masks = (hyper @ up.reshape(b, cu, hu * wu)).reshape(b, -1, hu, wu)
         iou = md.iou_prediction_head(iou_out)[:, sel]
-        return masks, iou
+        return masks.float(), iou.float()  # fp32 whatever autocast computed in (NumPy has no bf16)
 
     def semantic_logits(self, enc: Encoded) -> torch.Tensor:
         """Text → pixel map (B, 1, 4h, 4w) logits: the strategy's own map, or text-only decoding."""
         if enc.semantic is not None:
-            return enc.semantic
+            return enc.semantic.float()
         b = enc.embeddings.shape[0]
         masks, _ = self.decode(enc, Prompts(torch.arange(b)))
         return masks

@@ -33,16 +33,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 
-from ..engine.preprocess import Frame, mask_to_prompt, normalize_image, postprocess_logits, to_model_input
+from ..engine.preprocess import Frame, normalize_image, postprocess_logits, to_model_input
 from ..models.clipsam import ClipSam, ImageFeatures, Prompts
 from .examples import TrainingExample, validate_examples
 from .lora import (LoraSettings, attach_lora, detach_lora, has_lora, lora_blocks_of, lora_state, set_trainable,
                    trainable_report)
 from .losses import LossWeights, mask_loss
 from .prompts import (MODES, PromptItem, PromptSettings, correction_prompts, group_prompts, interior_point, simulate,
-                      _box_of, _item, text_prompts)
+                      _box_of, _item)
 
 log = logging.getLogger(__name__)
 
@@ -366,23 +365,25 @@ def _decode_items(model: ClipSam, enc, items: list[PromptItem]) -> tuple[torch.T
 
 
 def _loss_for(items, logits_parts, iou_parts, order, weights: LossWeights):
-    total, n_total, parts_acc = 0.0, 0, {}
+    """The items' weighted mean loss over all decode groups (item weights count across groups)."""
+    total, w_total, parts_acc = 0.0, 0.0, {}
     start = 0
     for lg, iou in zip(logits_parts, iou_parts):
         idx = order[start: start + lg.shape[0]]
         start += lg.shape[0]
         tg = torch.stack([items[i].target for i in idx]).to(lg.device)
         sw = torch.tensor([items[i].weight for i in idx], dtype=torch.float32)
-        if float(sw.sum()) <= 0:
+        w_group = float(sw.sum())
+        if w_group <= 0:
             continue
         loss, parts = mask_loss(lg, tg, iou, weights, sample_weights=sw)
-        total = total + loss * len(idx)
-        n_total += len(idx)
+        total = total + loss * w_group
+        w_total += w_group
         for k, v in parts.items():
-            parts_acc[k] = parts_acc.get(k, 0.0) + v * len(idx)
-    if n_total == 0:
+            parts_acc[k] = parts_acc.get(k, 0.0) + v * w_group
+    if w_total == 0:
         return None, {}
-    return total / n_total, {k: v / n_total for k, v in parts_acc.items()}
+    return total / w_total, {k: v / w_total for k, v in parts_acc.items()}
 
 
 def _train_step(model: ClipSam, views: list[View], config: FineTuneConfig, k: int, rng: np.random.Generator):
@@ -425,43 +426,35 @@ def evaluate_views(model: ClipSam, views: Sequence[View], mode: str = "both", k:
                    use_cache: bool = True, max_instances: int = 16) -> dict[str, float]:
     """Held-out IoU at image resolution, with deterministic prompts of each kind.
 
-    ``iou_points``: one centre click + text per instance; ``iou_box``: tight box + text;
-    ``iou_text``: text-only semantic map vs the union; ``iou_pseudo``: the pseudo prompt of
-    ``segment_text`` (centre point + the union component as mask prompt). ``val_iou`` is the mean
-    of the kinds used by ``mode`` (manual: points, box; text: text, pseudo; both: all four).
+    ``iou_points``: one centre click + text per instance (also how ``segment_text`` decodes its
+    seeds); ``iou_box``: tight box + text; ``iou_text``: text-only semantic map vs the union.
+    ``val_iou`` is the mean of the kinds used by ``mode`` (manual: points, box; text: text,
+    points; both: all three).
     """
     if k is None:
         k = cache_point(model)
     m = model.mask_size
-    acc: dict[str, list[float]] = {"iou_points": [], "iou_box": [], "iou_text": [], "iou_pseudo": []}
-    settings = PromptSettings(p_grow_region=0.0)
+    acc: dict[str, list[float]] = {"iou_points": [], "iou_box": [], "iou_text": []}
     for v in views:
         feats = _features(model, [v], k, use_cache)
         enc = model.condition(feats, [v.text])
         ids = [int(i) for i in np.unique(v.labels) if i != 0][:max_instances]
-        items = text_prompts(0, v.labels, v.frame, m, np.random.default_rng(0), settings)
-        items = items[:1]  # semantic item
-        comp = None
+        items = [_item(0, "semantic", v.labels != 0, v.frame, m, 1.0)]
         for i in ids:
             gt = v.labels == i
             x, y = interior_point(gt)
             items.append(_item(0, "points", gt, v.frame, m, 1.0, image_points=[(x, y, 1)]))
             items.append(_item(0, "box", gt, v.frame, m, 1.0, box=_box_of(gt)))
-            if comp is None:
-                comp = ndimage.label(v.labels != 0)[0]
-            region = comp == comp[gt][0]
-            mask = mask_to_prompt(region, v.frame, m, settings.mask_strength)[0]
-            items.append(_item(0, "pseudo", gt, v.frame, m, 1.0, image_points=[(x, y, 1)], mask=mask))
         logits, _, order = _decode_items(model, enc, items)
         flat = torch.cat(logits)
         for lg, i in zip(flat, order):
             it = items[i]
             pred = (postprocess_logits(lg[None], v.frame)[0, 0] > 0).cpu().numpy()
-            key = {"semantic": "iou_text", "points": "iou_points", "box": "iou_box", "pseudo": "iou_pseudo"}[it.kind]
+            key = {"semantic": "iou_text", "points": "iou_points", "box": "iou_box"}[it.kind]
             acc[key].append(_iou_np(pred, it.gt))
     out = {key: float(np.mean(vals)) if vals else float("nan") for key, vals in acc.items()}
-    use = {"manual": ("iou_points", "iou_box"), "text": ("iou_text", "iou_pseudo"),
-           "both": ("iou_points", "iou_box", "iou_text", "iou_pseudo")}[mode]
+    use = {"manual": ("iou_points", "iou_box"), "text": ("iou_text", "iou_points"),
+           "both": ("iou_points", "iou_box", "iou_text")}[mode]
     vals = [out[u] for u in use if not math.isnan(out[u])]
     out["val_iou"] = float(np.mean(vals)) if vals else float("nan")
     return out

@@ -6,10 +6,8 @@ Modes (``FineTuneConfig.mode``):
   ground-truth instance → that instance; optionally followed by correction clicks sampled from
   the error region of the model's own prediction (SAM's interactive training).
 - ``text``: text only. (a) The text-only/semantic path (``ClipSam.semantic_logits``) → the union
-  mask of the class; (b) per instance, the pseudo prompt ``segment_text`` decodes: the
-  instance's most interior point + the region around it (the connected component of the union,
-  i.e. what a thresholded semantic map gives, sometimes grown) as a mask prompt made by
-  ``engine.preprocess.mask_to_prompt`` → that instance.
+  mask of the class; (b) per instance, a seed click as ``segment_text`` decodes its grid of
+  seeds: the text + one point anywhere but the instance's rim → that instance.
 - ``both``: each view is simulated as ``manual`` or ``text`` with equal probability.
 
 Points are sampled in image pixels and mapped with ``Frame.to_input`` like user clicks.
@@ -30,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..engine.preprocess import Frame, frame_for, mask_to_prompt, postprocess_logits
+from ..engine.preprocess import Frame, frame_for, postprocess_logits
 from ..models.clipsam import Prompts
 
 MODES = ("manual", "text", "both")
@@ -85,9 +83,10 @@ class PromptSettings:
     click is a negative one just outside the object; p_box: chance that a manual prompt is a box
     instead of clicks; box_jitter: std of the box-corner noise as a fraction of the box side
     (SAM: 0.1, at most 20 px); correction_clicks: rounds of correction clicks (manual mode);
-    instances_per_view: at most this many instances prompted per view and step; p_grow_region:
-    chance that a pseudo-prompt region is dilated by 1–2 px; mask_strength: mask-prompt logit
-    magnitude (as ``mask_to_prompt``).
+    instances_per_view: at most this many instances prompted per view and step; seed_depth: a
+    text-mode seed click lies at least this fraction of the instance's greatest depth from its
+    edge; seed_weight: loss weight of each seed click relative to the view's semantic map (0.25:
+    with 4 seeds the clicks and the text-only map weigh the same, and the map stays text-specific).
     """
 
     max_points: int = 3
@@ -96,8 +95,8 @@ class PromptSettings:
     box_jitter: float = 0.1
     correction_clicks: int = 1
     instances_per_view: int = 4
-    p_grow_region: float = 0.5
-    mask_strength: float = 8.0
+    seed_depth: float = 0.3
+    seed_weight: float = 0.25
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,7 +106,7 @@ class PromptSettings:
 class PromptItem:
     """One simulated prompt of one encoded row and its target.
 
-    kind: ``"semantic"`` (text only, decoded by the semantic path), ``"pseudo"``, ``"points"``,
+    kind: ``"semantic"`` (text only, decoded by the semantic path), ``"seed"``, ``"points"``,
     ``"box"`` or ``"correction"``; points (P, 2) input-frame (x, y) with labels (P,); box (4,)
     input frame; mask (1, m, m) mask-prompt logits; target (1, m, m) float; gt: (H, W) bool
     instance mask at image size (for correction clicks and validation).
@@ -162,14 +161,15 @@ def _pick(mask: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
     return float(xs[i]) + 0.5, float(ys[i]) + 0.5
 
 
-def interior_point(mask: np.ndarray, rng: np.random.Generator | None = None) -> tuple[float, float]:
+def interior_point(mask: np.ndarray, rng: np.random.Generator | None = None,
+                   depth: float = 0.5) -> tuple[float, float]:
     """An (x, y) pixel-centre point deep inside ``mask``: the distance-transform maximum, or with
-    ``rng`` a random pixel at least half as deep."""
+    ``rng`` a random pixel at least ``depth`` × as deep."""
     dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
     if rng is None:
         y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
         return float(x) + 0.5, float(y) + 0.5
-    return _pick(dist >= max(1.0, 0.5 * float(dist.max())), rng)
+    return _pick(dist >= max(1.0, depth * float(dist.max())), rng)
 
 
 def _box_of(mask: np.ndarray) -> np.ndarray:
@@ -230,22 +230,15 @@ def manual_prompts(row: int, labels: np.ndarray, frame: Frame, mask_size: int, r
 
 def text_prompts(row: int, labels: np.ndarray, frame: Frame, mask_size: int, rng: np.random.Generator,
                  settings: PromptSettings, weight: float = 1.0) -> list[PromptItem]:
-    """The semantic (union) target of the row, then pseudo prompts on up to ``instances_per_view``
-    instances: most-interior point + the union component around it as mask prompt."""
+    """The semantic (union) target of the row, then a seed click on each of up to
+    ``instances_per_view`` instances (a random pixel at least ``seed_depth`` × as deep as its
+    deepest, as ``segment_text``'s seeds land)."""
     union = labels != 0
     items = [_item(row, "semantic", union, frame, mask_size, weight)]
-    ids = _instances(labels)
-    if not ids:
-        return items
-    comp, _ = ndimage.label(union)
-    for k in rng.permutation(ids)[: settings.instances_per_view]:
+    for k in rng.permutation(_instances(labels))[: settings.instances_per_view]:
         gt = labels == k
-        region = comp == comp[gt][0]
-        if rng.random() < settings.p_grow_region:
-            region = ndimage.binary_dilation(region, iterations=int(rng.integers(1, 3)))
-        x, y = interior_point(gt, rng)
-        mask = mask_to_prompt(region, frame, mask_size, settings.mask_strength)[0]
-        items.append(_item(row, "pseudo", gt, frame, mask_size, weight, image_points=[(x, y, 1)], mask=mask))
+        x, y = interior_point(gt, rng, settings.seed_depth)
+        items.append(_item(row, "seed", gt, frame, mask_size, weight * settings.seed_weight, image_points=[(x, y, 1)]))
     return items
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .adapter import AdapterConditioning
 from .base import Conditioning, Context
-from .pseudo_prompts import PseudoConditioning, pseudo_prompts
+from .pseudo_prompts import GridSeeds, PseudoConditioning, grid_seeds, pseudo_prompts
 from .ssp import SSPConditioning
 
 STRATEGIES: dict[str, type[Conditioning]] = {
@@ -23,5 +23,5 @@ def build_conditioning(name: str, **kwargs) -> Conditioning:
     return STRATEGIES[name](**kwargs)
 
 
-__all__ = ["Conditioning", "Context", "STRATEGIES", "build_conditioning", "pseudo_prompts",
+__all__ = ["Conditioning", "Context", "STRATEGIES", "build_conditioning", "pseudo_prompts", "grid_seeds", "GridSeeds",
            "AdapterConditioning", "SSPConditioning", "PseudoConditioning"]

@@ -1,10 +1,15 @@
-"""Pseudo prompts from a correlation map (after ESC-Net), and the ``pseudo`` strategy.
+"""Pseudo prompts from a correlation map, and the ``pseudo`` strategy.
 
-:func:`pseudo_prompts` turns a per-pixel probability map of a text into regions — connected
-components, with large or necked components split by k-means on pixel coordinates — and gives
-each region one point (its highest-probability pixel among the deeper half of the region) and
-its mask. Fed to SAM as point + mask prompts, each region yields one instance mask; all regions
-are decoded in one batch. Every strategy uses it as the instance mechanism of text-only mode.
+Two ways to turn a per-pixel probability map of a text into prompts, both used by
+``Segmenter.segment_text`` (every strategy) as the instance mechanism of text-only mode:
+
+- :func:`grid_seeds` (the default there): a grid of points inside the map's regions, away from
+  their edges. Each point is decoded alone, like a click; the masks that many points agree on
+  are the objects, so touching objects merged into one region still get one seed each.
+- :func:`pseudo_prompts` (after ESC-Net): regions — connected components, with large or necked
+  components split by k-means on pixel coordinates — each with one point (its highest-probability
+  pixel among the deeper half of the region) and its mask, fed to SAM as point + mask prompts:
+  one decode per region, cheaper, but touching objects without a neck share one prompt.
 
 The ``pseudo`` strategy itself learns only a light semantic head: raw CLIP similarity plus a
 zero-initialised refinement from CLIP patch features modulated by the text, and a text token
@@ -38,6 +43,61 @@ class PseudoPrompts:
 
     def __len__(self) -> int:
         return len(self.points)
+
+
+@dataclass
+class GridSeeds:
+    """N seed points in the regions of a (H, W) map: points (N, 2) as (x, y) cell centres,
+    region (N,) the id of each point's connected region in ``regions`` ((H, W) int32, 0 outside)."""
+
+    points: np.ndarray
+    region: np.ndarray
+    regions: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+
+def grid_seeds(prob: np.ndarray, threshold: float = 0.5, stride: int = 2, min_depth: float = 1.5,
+               rel_depth: float = 0.5, min_area: int = 1) -> GridSeeds:
+    """Points every ``stride`` cells inside the regions of ``prob`` (H, W) above ``threshold``.
+
+    A grid point is kept when it lies at least ``min(min_depth, rel_depth × its region's
+    greatest depth)`` cells from the region's edge (distance transform), so thin regions keep
+    their midline and wide ones drop their rims. Every region of at least ``min_area`` cells gets
+    at least one point (its deepest cell) even when no grid point falls in it.
+    """
+    prob = np.asarray(prob, dtype=np.float32)
+    if prob.ndim != 2:
+        raise ValueError(f"grid_seeds expects a (H, W) map, got shape {prob.shape}")
+    if not np.isfinite(prob).all():
+        raise ValueError("grid_seeds: the probability map contains NaN or inf")
+    if stride < 1:
+        raise ValueError(f"grid_seeds: stride must be >= 1, got {stride}")
+    inside = prob > threshold
+    regions, n = ndimage.label(inside)
+    regions = regions.astype(np.int32)
+    if n:
+        areas = ndimage.sum_labels(inside, regions, np.arange(1, n + 1))
+        small = np.flatnonzero(areas < min_area) + 1
+        if len(small):
+            regions[np.isin(regions, small)] = 0
+    if not regions.any():
+        return GridSeeds(np.zeros((0, 2), np.float32), np.zeros(0, np.int32), regions)
+    depth = ndimage.distance_transform_edt(np.pad(regions > 0, 1))[1:-1, 1:-1]
+    deepest = np.concatenate([[0.0], ndimage.maximum(depth, regions, np.arange(1, n + 1))])
+    need = np.minimum(min_depth, rel_depth * deepest)[regions]
+    grid = np.zeros_like(inside)
+    grid[::stride, ::stride] = True
+    ys, xs = np.nonzero(grid & (regions > 0) & (depth >= need))
+    seeded = set(regions[ys, xs].tolist())
+    extra = [r for r in range(1, n + 1) if r not in seeded and deepest[r] > 0]
+    if extra:
+        where = ndimage.maximum_position(depth, regions, extra)
+        ys = np.concatenate([ys, [p[0] for p in where]]).astype(np.int64)
+        xs = np.concatenate([xs, [p[1] for p in where]]).astype(np.int64)
+    points = np.stack([xs, ys], 1).astype(np.float32) + 0.5
+    return GridSeeds(points, regions[ys, xs], regions)
 
 
 def _kmeans(coords: np.ndarray, k: int, iters: int = 10, init: np.ndarray | None = None) -> np.ndarray:
