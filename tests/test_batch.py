@@ -161,6 +161,8 @@ def test_failed_file_is_reported_and_the_rest_continue(tmp_path, seg):
         segment_files(tmp_path / "in" / "good.tif", tmp_path / "o2", TEXT, scheduler="nonsense")
     with pytest.raises(ValueError, match="neither a registered name"):
         segment_files(tmp_path / "in", tmp_path / "out", TEXT, model=tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="seeds must be"):
+        segment_files(tmp_path / "in" / "good.tif", tmp_path / "o3", TEXT, seeds="kmeans")
 
 
 # ---- lazy inputs (napari "Segment all" on a dask-backed layer) -------------------------------------

@@ -94,6 +94,24 @@ def test_segment_2d_clicks_give_one_object_subprocess(tmp_path):
 
 
 @needs_demo
+def test_seeds_option_reaches_segment_text(tmp_path):
+    """``--seeds`` gives exactly what ``Segmenter.segment_text(seeds=...)`` gives, and the two differ."""
+    from napari_clipsam.engine.segmenter import Segmenter
+
+    s = make_image(HELD_OUT + 9, counts={"nucleus": (6, 10)})
+    img = _write(tmp_path / "img.tif", s.image)
+    seg = Segmenter.from_pretrained("demo")
+    seg.set_image(s.image)
+    got = {}
+    for seeds in ("grid", "regions"):
+        out = tmp_path / f"{seeds}.tif"
+        assert cli.main(["segment", str(img), "--text", "nucleus", "--seeds", seeds, "-o", str(out), "-q"]) == 0
+        got[seeds] = tifffile.imread(out)
+        np.testing.assert_array_equal(got[seeds], seg.segment_text("nucleus", seeds=seeds).labels)
+    assert got["grid"].any() and not np.array_equal(got["grid"], got["regions"])
+
+
+@needs_demo
 def test_segment_3d_volume_by_text_subprocess(tmp_path):
     s = make_volume(HELD_OUT + 7, (12, 256, 256), counts={"nucleus": (3, 5)})
     gt = s.instance_labels("nucleus")

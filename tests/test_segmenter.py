@@ -155,6 +155,8 @@ def test_bad_inputs_raise_clear_errors():
             seg.predict(**kw)
     with pytest.raises(ValueError, match="non-empty"):
         seg.segment_text("  ")
+    with pytest.raises(ValueError, match="seeds must be"):
+        seg.segment_text("nucleus", seeds="kmeans")
 
 
 def test_constant_image_gives_empty_results_without_running_the_model():

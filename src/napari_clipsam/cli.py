@@ -376,6 +376,10 @@ def add_segment_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--min-area", type=int, default=16, help="text mode: smallest object in pixels (default 16)")
     p.add_argument("--min-score", type=float, default=0.25,
                    help="text mode: lowest predicted IoU of a kept object (default 0.25)")
+    p.add_argument("--seeds", choices=("grid", "regions"), default="grid",
+                   help="text mode: click a grid of seeds in the text's regions (default; touching objects "
+                        "come out separately) or one prompt per region (faster, for decoders trained with "
+                        "mask prompts)")
     p.add_argument("--tile-size", type=int,
                    help="tile side for large images (default: automatic; 0 never tiles)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -482,14 +486,14 @@ def _segment_one(seg, image: np.ndarray, kind: str, path: Path, args, text, pts,
                                      channel_axis=args.channel_axis, progress=progress,
                                      **({} if pts is not None or box is not None else
                                         {"threshold": args.threshold, "min_area": args.min_area,
-                                         "min_score": args.min_score}))
+                                         "min_score": args.min_score, "seeds": args.seeds}))
             return res.labels, len(np.unique(res.labels)) - (1 if (res.labels == 0).any() else 0)
         seg.set_image(image, channel_axis=args.channel_axis, progress=progress)
         if pts is not None or box is not None:
             mask, _ = seg.predict(points=pts, labels=lab, box=box, text=text)
             return mask.astype(np.uint16), int(mask.any())
         res = seg.segment_text(text, threshold=args.threshold, min_area=args.min_area, min_score=args.min_score,
-                               progress=progress)
+                               seeds=args.seeds, progress=progress)
         return res.labels, len(res.scores)
     except ValueError as err:
         raise CliError(f"{path}: {err}") from err

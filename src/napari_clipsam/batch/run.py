@@ -237,7 +237,7 @@ def segment_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike, outpu
                   scheduler: Any = "local", n_workers: int = 2, threads_per_worker: int = 1,
                   overwrite: bool = False, output_format: str = "tif", channel_axis: int | None = None,
                   channels: Sequence[int] | None = None, threshold: float = TEXT_THRESHOLD, min_area: int = 16,
-                  min_score: float = 0.25, link_overlap: float = 0.5, tile_size: int | None = None,
+                  min_score: float = 0.25, seeds: str = "grid", link_overlap: float = 0.5, tile_size: int | None = None,
                   halo: int | None = None, device: str | None = None, retries: int = 1, ship: str = "path",
                   progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> BatchReport:
     """Segment every object of ``text`` in many images/volumes with Dask; one labels file per input.
@@ -253,7 +253,7 @@ def segment_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike, outpu
         scheduler: "local" (LocalCluster, ``n_workers`` processes), "threads", a scheduler
             address "tcp://host:port", or a ``distributed.Client``.
         overwrite: replace existing outputs; otherwise they are skipped (resume).
-        threshold, min_area, min_score, tile_size, halo, link_overlap: as in
+        threshold, min_area, min_score, seeds, tile_size, halo, link_overlap: as in
             ``Segmenter.segment_text`` / ``segment_volume``.
         retries: extra attempts for a task that raised (a dead worker's tasks are rescheduled
             by Dask regardless).
@@ -270,7 +270,9 @@ def segment_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike, outpu
     text = text.strip()
     pairs = _plan(inputs, output_dir, outputs, output_format)
     spec = ModelSpec.create(model, adapter, device, tile_size, halo)
-    base = {"threshold": threshold, "min_area": min_area, "min_score": min_score, "channels": channels}
+    if seeds not in ("grid", "regions"):
+        raise ValueError(f"seeds must be 'grid' or 'regions', got {seeds!r}")
+    base = {"threshold": threshold, "min_area": min_area, "min_score": min_score, "seeds": seeds, "channels": channels}
     report = BatchReport([FileResult(i, o, "pending") for i, o in pairs])
     todo = []
     for r in report.results:

@@ -26,6 +26,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..models.clipsam import ClipSam, Encoded, ImageFeatures, Prompts
 from ..models.conditioning import grid_seeds, pseudo_prompts
@@ -42,6 +43,7 @@ Progress = Callable[[int, int, str], None]
 
 _DECODER_PARTS = ("sam.prompt_encoder.", "sam.mask_decoder.")
 _DECODE_CHUNK = 32
+_CONSENSUS_GRID = 128
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -487,7 +489,8 @@ class Segmenter:
           merged into one region still get one mask each.
         - ``"regions"``: one prompt per region (large or necked regions split, see
           :func:`pseudo_prompts`): its best point with the connected area around it as mask
-          prompt. One decode per region — faster, but touching objects may merge.
+          prompt. One decode per region — faster, but touching objects may merge; needs a
+          decoder trained with mask prompts (SAM's pretrained one; not the demo's).
 
         Each mask is confined to its connected area grown by ``region_margin`` × its equivalent
         diameter (at least two low-resolution cells); masks under ``min_area`` pixels or
@@ -565,7 +568,9 @@ class Segmenter:
         low_masks, iou = torch.cat(low_masks), torch.cat(iou)
         rank = iou.cpu().numpy().astype(np.float64)
         if seeds == "grid":  # the masks most seeds agree on, ranked by those votes
-            keep, votes = consensus_nms((low_masks[:, 0] > 0).cpu().numpy(), rank, nms_iou=nms_iou)
+            f = max(1, m // _CONSENSUS_GRID)  # votes on at most 128² cells (memory: N × cells)
+            votes_on = F.avg_pool2d((low_masks[:, 0] > 0).float(), f) > 0.5 if f > 1 else low_masks[:, 0] > 0
+            keep, votes = consensus_nms(votes_on.cpu().numpy(), rank, nms_iou=nms_iou)
             rank = (votes + rank)[keep]
             keep = torch.from_numpy(keep).to(low_masks.device)
             low_masks, iou = low_masks[keep], iou[keep]
