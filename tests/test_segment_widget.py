@@ -177,6 +177,17 @@ def test_segment_all_point_commit_2d(make_napari_viewer, qtbot, demo_model, tmp_
         assert np.array_equal(tif.asarray(), result.data)
         assert tif.shaped_metadata[0]["classes"] == {str(k): v for k, v in result.metadata["classes"].items()}
 
+    # "instances: one per region" reaches segment_text (a new layer, the engine's result exactly)
+    widget.seeds_combo.setCurrentIndex(1)
+    assert widget.seeds_combo.currentData() == "regions"
+    widget.target_combo.setCurrentText("new labels layer")
+    widget.segment_all()
+    _wait(qtbot, widget)
+    regions = viewer.layers[-1]
+    want = widget.session.segmenter.segment_text("nucleus", seeds="regions").labels
+    assert regions is not result and np.array_equal(regions.data, want)
+    assert not np.array_equal(regions.data, result.data)
+
 
 @needs_demo
 def test_propagate_through_z(make_napari_viewer, qtbot, demo_model):

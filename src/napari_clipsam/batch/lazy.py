@@ -53,7 +53,8 @@ def segment_lazy(data: Any, text: str, *, segmenter=None, model: str | os.PathLi
                  channel_axis: int | None = None, channels: Sequence[int] | None = None,
                  out: str | os.PathLike | None = None, overwrite: bool = False, scheduler: Any = None,
                  n_workers: int = 2, threshold: float = TEXT_THRESHOLD, min_area: int = 16, min_score: float = 0.25,
-                 link_overlap: float = 0.5, progress: Callable[[int, int, str], None] | None = None,
+                 seeds: str = "grid", link_overlap: float = 0.5,
+                 progress: Callable[[int, int, str], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> LazyResult:
     """All instances of ``text`` in a lazy 2D image or (Z, Y, X) volume → a zarr labels array.
 
@@ -81,7 +82,7 @@ def segment_lazy(data: Any, text: str, *, segmenter=None, model: str | os.PathLi
     if volume is None:
         volume = len(shape) - (channel_axis is not None) == 3
     kind = _kind(shape, volume, channel_axis)
-    params = {"threshold": threshold, "min_area": min_area, "min_score": min_score, "channels": channels}
+    params = {"threshold": threshold, "min_area": min_area, "min_score": min_score, "seeds": seeds, "channels": channels}
     if kind == "2d":
         spatial = shape[:2] if channel_axis is None else tuple(
             s for i, s in enumerate(shape) if i != channel_axis % len(shape))
@@ -90,7 +91,7 @@ def segment_lazy(data: Any, text: str, *, segmenter=None, model: str | os.PathLi
         if scheduler is None:
             seg = segmenter if segmenter is not None else _load(model, adapter)
             seg.set_image(image, channel_axis=channel_axis, channels=channels)
-            res = seg.segment_text(text, threshold=threshold, min_area=min_area, min_score=min_score)
+            res = seg.segment_text(text, threshold=threshold, min_area=min_area, min_score=min_score, seeds=seeds)
             labels, scores = res.labels, res.scores
         else:
             from .run import dask_client
@@ -133,7 +134,7 @@ def segment_lazy(data: Any, text: str, *, segmenter=None, model: str | os.PathLi
             if should_stop is not None and should_stop():
                 return result(False)
             seg.set_normalized(normalize_image(np.asarray(arr[z]), ca, channels, limits=limits), embed=False)
-            res = seg.segment_text(text, threshold=threshold, min_area=min_area, min_score=min_score)
+            res = seg.segment_text(text, threshold=threshold, min_area=min_area, min_score=min_score, seeds=seeds)
             add(z, res.labels, res.scores)
         return result(True)
 
@@ -163,7 +164,7 @@ def segment_lazy(data: Any, text: str, *, segmenter=None, model: str | os.PathLi
 
 
 _OPTIONS = ("segmenter", "model", "adapter", "volume", "channel_axis", "channels", "out", "overwrite", "scheduler",
-            "n_workers", "threshold", "min_area", "min_score", "link_overlap", "progress", "should_stop")
+            "n_workers", "threshold", "min_area", "min_score", "seeds", "link_overlap", "progress", "should_stop")
 
 
 def _is_dask(arr) -> bool:

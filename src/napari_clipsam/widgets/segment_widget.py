@@ -44,6 +44,8 @@ POSITIVE, NEGATIVE = "lime", "red"
 KEYS = {"commit": "Shift-C", "clear": "Shift-X", "toggle": "Shift-N", "segment_all": "Shift-A",
         "propagate": "Shift-P"}
 MAX_RECENT = 10
+#: "instances" choices of Segment all: (label, ``segment_text(seeds=...)``)
+SEEDS = (("grid of clicks", "grid"), ("one per region (faster)", "regions"))
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,13 @@ class SegmentWidget(QWidget):
         self.mode_combo.setToolTip("manual: text + clicks/boxes; text-only: the text alone")
         self.mode_combo.currentTextChanged.connect(lambda _: self.update_preview())
         form.addRow("mode", self.mode_combo)
+        self.seeds_combo = QComboBox()
+        for label, seeds in SEEDS:
+            self.seeds_combo.addItem(label, seeds)
+        self.seeds_combo.setToolTip("how Segment all finds instances in the text's map: a grid of clicks "
+                                    "(touching objects come out separately) or one prompt per region "
+                                    "(faster; for decoders trained with mask prompts, such as SAM's)")
+        form.addRow("instances", self.seeds_combo)
         self.negative_check = QCheckBox(f"negative clicks ({KEYS['toggle']})")
         self.negative_check.setToolTip("new points are negative (red) instead of positive (green); "
                                        f"{KEYS['toggle']} toggles")
@@ -677,6 +686,7 @@ class SegmentWidget(QWidget):
             show_error(str(err))
             return
         self._remember_text(text)
+        seeds = self.seeds_combo.currentData()
         target = self.target_combo.value()
         if target is not None and not self.confirm(f"Add the '{text}' instances to layer {target.name!r}? "
                                                    "Existing labels are kept."):
@@ -690,16 +700,17 @@ class SegmentWidget(QWidget):
 
                 self._embedded = None
                 res = segment_lazy(data, text, segmenter=seg, volume=src.kind == "volume",
-                                   channel_axis=src.channel_axis, channels=src.channels, progress=report)
+                                   channel_axis=src.channel_axis, channels=src.channels, seeds=seeds,
+                                   progress=report)
                 return res.labels, sorted(res.scores)
             if src.kind == "volume":
                 from ..engine.volume import link_text
 
                 self._embedded = None
-                labels = link_text(seg, self._volume(src), text, progress=report).labels
+                labels = link_text(seg, self._volume(src), text, progress=report, seeds=seeds).labels
             else:
                 self._ensure_image(seg, src, report)
-                labels = seg.segment_text(text, progress=report).labels
+                labels = seg.segment_text(text, seeds=seeds, progress=report).labels
             return labels, [int(i) for i in np.unique(labels) if i]
 
         self.jobs.submit("segment_all", job, lambda res: self._write_all(src, text, *res, target),
