@@ -168,6 +168,8 @@ def test_pseudo_prompts_splits_touching_blobs_and_rejects_bad_input():
     below = pp.points[:, 1] > 40  # split parts keep their whole component; the others are their own
     assert all(int(a.sum()) == 1200 and (a >= m).all() for a, m in zip(pp.areas[below], pp.masks[below]))
     assert np.array_equal(pp.areas[~below], pp.masks[~below])
+    assert len(pseudo_prompts(wide, max_regions=2)) == 2  # over all regions, not per region
+    assert len(pseudo_prompts(wide, max_regions=4)) == 4
     with pytest.raises(ValueError, match="H, W"):
         pseudo_prompts(np.zeros((2, 3, 4)))
     with pytest.raises(ValueError, match="NaN"):

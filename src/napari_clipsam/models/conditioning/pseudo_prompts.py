@@ -173,6 +173,8 @@ def pseudo_prompts(
     split_at = split_area if split_area is not None else 2.5 * typical
     points, masks, scores, regions = [], [], [], []
     for lab in kept:
+        if len(points) >= max_regions:
+            break
         region = comp == lab
         area = areas[lab - 1]
         parts = [region]
