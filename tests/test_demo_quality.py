@@ -106,3 +106,16 @@ def test_touching_nuclei_come_out_one_label_each(demo):
             ids, counts = ids[ids > 0], counts[ids > 0]
             found += bool(len(ids)) and mask_iou(labels == ids[np.argmax(counts)], obj) >= 0.5
     assert touching >= 50 and found >= 0.55 * touching, (found, touching)  # measured 58 of 84
+
+
+def test_segment_text_reports_its_decode_chunks_on_one_view(demo):
+    sample = make_image(HELD_OUT + 11, counts={"nucleus": (8, 12)})
+    seen = []
+    seg = Segmenter(demo, progress=lambda done, total, msg: seen.append((done, total, msg)))
+    seg.set_image(sample.image)
+    seen.clear()
+    seg.segment_text("nucleus")
+    done = [d for d, _, _ in seen]
+    total = seen[-1][1]
+    assert len(seen) >= 2 and done == sorted(done) and done[-1] == total  # the grid: many seeds, chunk by chunk
+    assert all(t == total and m == "segment_text" for _, t, m in seen)

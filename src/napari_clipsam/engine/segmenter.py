@@ -506,11 +506,13 @@ class Segmenter:
             return TextSegmentation(np.zeros((h, w), np.uint32), {}, np.zeros((h, w), np.float32))
         report = progress or self.progress
         parts, probs = [], []
+        single = len(self._views) == 1  # one view: report its decode chunks instead
         for i, view in enumerate(self._views):
-            inst, prob = self._instances_in_view(view, text, threshold, min_area, i, region_margin, seeds, nms_iou)
+            inst, prob = self._instances_in_view(view, text, threshold, min_area, i, region_margin, seeds, nms_iou,
+                                                 report if single else None)
             parts.append(inst)
             probs.append(prob)
-            if report:
+            if report and not single:
                 report(i + 1, len(self._views), "segment_text")
         inst = Instances.cat(parts)
         tiles = [v.tile for v in self._views]
@@ -522,8 +524,10 @@ class Segmenter:
         return TextSegmentation(labels, scores, paste_cores(tiles, probs, (h, w)))
 
     def _instances_in_view(self, view: _View, text: str, threshold: float, min_area: int, source: int,
-                           region_margin: float, seeds: str, nms_iou: float) -> tuple[Instances, np.ndarray]:
-        """Instances (image coordinates) and the (h, w) probability map of one view."""
+                           region_margin: float, seeds: str, nms_iou: float,
+                           report: Progress | None = None) -> tuple[Instances, np.ndarray]:
+        """Instances (image coordinates) and the (h, w) probability map of one view; ``report``
+        gets (prompts decoded, prompts, "segment_text") after each decode chunk."""
         enc = self._encoded(view, text)
         s, m, frame = self.model.img_size, self.model.mask_size, view.frame
         with fast_inference(self.model):
@@ -565,6 +569,8 @@ class Segmenter:
                 # the same concept would otherwise return their union for every prompt.
                 low_masks.append(lm.masked_fill(~near[c : c + _DECODE_CHUNK].to(lm.device), -1e4))
                 iou.append(sc[:, 0].clamp(0, 1))
+            if report:
+                report(min(n, c + _DECODE_CHUNK), n, "segment_text")
         low_masks, iou = torch.cat(low_masks), torch.cat(iou)
         rank = iou.cpu().numpy().astype(np.float64)
         if seeds == "grid":  # the masks most seeds agree on, ranked by those votes
