@@ -20,7 +20,7 @@ import numpy as np
 from . import __version__
 from .batch import io as _io
 from .batch.io import LABELS_SUFFIX, TIFF_SUFFIXES
-from .engine.instances import TEXT_THRESHOLD
+from .engine.instances import SEED_MODES, TEXT_THRESHOLD
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -376,7 +376,7 @@ def add_segment_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--min-area", type=int, default=16, help="text mode: smallest object in pixels (default 16)")
     p.add_argument("--min-score", type=float, default=0.25,
                    help="text mode: lowest predicted IoU of a kept object (default 0.25)")
-    p.add_argument("--seeds", choices=("grid", "regions"), default="grid",
+    p.add_argument("--seeds", choices=SEED_MODES, default="grid",
                    help="text mode: click a grid of seeds in the text's regions (default; touching objects "
                         "come out separately) or one prompt per region (faster, for decoders trained with "
                         "mask prompts)")

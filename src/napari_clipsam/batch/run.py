@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..engine.instances import TEXT_THRESHOLD
+from ..engine.instances import TEXT_THRESHOLD, check_seeds
 from .io import SliceStore, expand_inputs, labels_dtype, lazy_array, output_for, write_labels
 from .worker import ModelSpec, segment_image_file, segment_slice
 
@@ -270,9 +270,8 @@ def segment_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike, outpu
     text = text.strip()
     pairs = _plan(inputs, output_dir, outputs, output_format)
     spec = ModelSpec.create(model, adapter, device, tile_size, halo)
-    if seeds not in ("grid", "regions"):
-        raise ValueError(f"seeds must be 'grid' or 'regions', got {seeds!r}")
-    base = {"threshold": threshold, "min_area": min_area, "min_score": min_score, "seeds": seeds, "channels": channels}
+    base = {"threshold": threshold, "min_area": min_area, "min_score": min_score, "seeds": check_seeds(seeds),
+            "channels": channels}
     report = BatchReport([FileResult(i, o, "pending") for i, o in pairs])
     todo = []
     for r in report.results:

@@ -32,7 +32,7 @@ from ..models.clipsam import ClipSam, Encoded, ImageFeatures, Prompts
 from ..models.conditioning import grid_seeds, pseudo_prompts
 from ..models.fast import enable_fast_path, fast_inference
 from .cache import EmbeddingCache, WeightsFingerprint, digest
-from .instances import TEXT_THRESHOLD, Instances, consensus_nms, mask_nms, paint_labels
+from .instances import TEXT_THRESHOLD, Instances, check_seeds, consensus_nms, mask_nms, paint_labels
 from .preprocess import Frame, frame_for, mask_to_prompt, normalize_image, postprocess_logits, to_model_input
 from .tiling import Tile, covering, make_tiles, paste_cores, route, stitch
 
@@ -499,8 +499,7 @@ class Segmenter:
         """
         self._require_image()
         text = self._check_text(text)
-        if seeds not in ("grid", "regions"):
-            raise ValueError(f"seeds must be 'grid' or 'regions', got {seeds!r}")
+        check_seeds(seeds)
         h, w = self._image.shape[:2]
         if self._blank:
             return TextSegmentation(np.zeros((h, w), np.uint32), {}, np.zeros((h, w), np.float32))
