@@ -48,9 +48,9 @@ def test_text_only_iou(scores):
 def test_point_instance_iou_and_f1(scores):
     assert scores["nucleus"]["point_iou"] >= 0.5  # measured 0.75 (50 images; this set: 0.60)
     assert scores["vesicle"]["point_iou"] >= 0.5  # measured 0.72 (this set: 0.62)
-    assert scores["nucleus"]["instance_f1"] >= 0.6  # measured 0.72 (50 images; this set 0.685)
-    for concept in ("mitochondrion", "vesicle"):  # measured 0.50, 0.60 (this set: 0.42, 0.56)
-        assert scores[concept]["instance_f1"] >= 0.3, (concept, scores[concept])
+    assert scores["nucleus"]["instance_f1"] >= 0.7  # measured 0.77 (50 images; this set 0.78)
+    for concept in ("mitochondrion", "vesicle"):  # measured 0.51, 0.74 (this set: 0.44, 0.64)
+        assert scores[concept]["instance_f1"] >= 0.35, (concept, scores[concept])
 
 
 def test_leakage_and_absent(scores):
@@ -119,3 +119,23 @@ def test_segment_text_reports_its_decode_chunks_on_one_view(demo):
     total = seen[-1][1]
     assert len(seen) >= 2 and done == sorted(done) and done[-1] == total  # the grid: many seeds, chunk by chunk
     assert all(t == total and m == "segment_text" for _, t, m in seen)
+
+
+def test_instances_lie_where_the_text_map_is(demo):
+    """A grid seed on a faint spot of the map can be decoded onto an object of another kind;
+    ``min_support`` drops such masks: far fewer false positives, better F1."""
+    from napari_clipsam.evaluation import f1_score
+
+    seg = Segmenter(demo)
+    counts = {0.0: np.zeros(3, int), 0.5: np.zeros(3, int)}
+    for i in range(8):
+        sample = make_image(HELD_OUT + 600 + i)
+        if "vesicle" not in sample.concepts_present:
+            continue
+        seg.set_image(sample.image)
+        gt = sample.instance_labels("vesicle")
+        for support in counts:
+            counts[support] += match_instances(seg.segment_text("vesicle", min_support=support).labels, gt)
+    (_, fp0, _), (_, fp, _) = counts[0.0], counts[0.5]
+    assert fp <= fp0 / 2, counts  # measured FP 107 -> 21 (TP 59 -> 44)
+    assert f1_score(*counts[0.5]) >= f1_score(*counts[0.0]) + 0.1, counts  # measured 0.48 -> 0.63

@@ -32,7 +32,7 @@ from ..models.clipsam import ClipSam, Encoded, ImageFeatures, Prompts
 from ..models.conditioning import grid_seeds, pseudo_prompts
 from ..models.fast import enable_fast_path, fast_inference
 from .cache import EmbeddingCache, WeightsFingerprint, digest
-from .instances import TEXT_THRESHOLD, Instances, check_seeds, consensus_nms, mask_nms, paint_labels
+from .instances import MIN_SUPPORT, TEXT_THRESHOLD, Instances, check_seeds, consensus_nms, mask_nms, paint_labels
 from .preprocess import Frame, frame_for, mask_to_prompt, normalize_image, postprocess_logits, to_model_input
 from .tiling import Tile, covering, make_tiles, paste_cores, route, stitch
 
@@ -477,7 +477,8 @@ class Segmenter:
     # ---- text → instances ---------------------------------------------------------------------
     def segment_text(self, text: str, threshold: float = TEXT_THRESHOLD, min_area: int = 16, min_score: float = 0.25,
                      nms_iou: float = 0.5, merge_iou: float = 0.5, region_margin: float = 0.5,
-                     seeds: str = "grid", progress: Progress | None = None) -> TextSegmentation:
+                     seeds: str = "grid", min_support: float = MIN_SUPPORT,
+                     progress: Progress | None = None) -> TextSegmentation:
         """All instances of ``text`` in the current image.
 
         The text's semantic map (``prob``) is thresholded at ``threshold`` into regions, and the
@@ -494,7 +495,9 @@ class Segmenter:
 
         Each mask is confined to its connected area grown by ``region_margin`` × its equivalent
         diameter (at least two low-resolution cells); masks under ``min_area`` pixels or
-        ``min_score`` predicted IoU are dropped; on tiled images instances from neighbouring
+        ``min_score`` predicted IoU are dropped, and so are masks whose mean text probability
+        (``prob`` inside the mask) is under ``min_support`` — a seed on a faint spot of the map
+        whose mask lands on an object of another kind; on tiled images instances from neighbouring
         tiles agreeing (IoU ≥ ``merge_iou``) in their overlap are merged into one.
         """
         self._require_image()
@@ -508,7 +511,7 @@ class Segmenter:
         single = len(self._views) == 1  # one view: report its decode chunks instead
         for i, view in enumerate(self._views):
             inst, prob = self._instances_in_view(view, text, threshold, min_area, i, region_margin, seeds, nms_iou,
-                                                 report if single else None)
+                                                 min_support, report if single else None)
             parts.append(inst)
             probs.append(prob)
             if report and not single:
@@ -523,7 +526,7 @@ class Segmenter:
         return TextSegmentation(labels, scores, paste_cores(tiles, probs, (h, w)))
 
     def _instances_in_view(self, view: _View, text: str, threshold: float, min_area: int, source: int,
-                           region_margin: float, seeds: str, nms_iou: float,
+                           region_margin: float, seeds: str, nms_iou: float, min_support: float,
                            report: Progress | None = None) -> tuple[Instances, np.ndarray]:
         """Instances (image coordinates) and the (h, w) probability map of one view; ``report``
         gets (prompts decoded, prompts, "segment_text") after each decode chunk."""
@@ -579,6 +582,11 @@ class Segmenter:
             rank = (votes + rank)[keep]
             keep = torch.from_numpy(keep).to(low_masks.device)
             low_masks, iou = low_masks[keep], iou[keep]
+        # The map must back each mask: a seed on a faint spot may be decoded onto another kind.
+        inside = (low_masks[:, 0] > 0).flatten(1).float()
+        support = inside @ torch.from_numpy(low).to(inside).reshape(-1) / inside.sum(1).clamp(min=1)
+        backed = support >= min_support
+        low_masks, iou, rank = low_masks[backed], iou[backed], rank[backed.cpu().numpy()]
         y0, x0 = view.tile.window[:2]
         out = []
         for c in range(0, len(iou), _DECODE_CHUNK):
