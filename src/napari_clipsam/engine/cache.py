@@ -19,8 +19,9 @@ import os
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -64,56 +65,79 @@ def entry_nbytes(entry: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in entry.values())
 
 
-class WeightsFingerprint:
-    """Content hash of a module's parameters and buffers (those whose names pass ``include``).
+class PartFingerprints:
+    """Content hashes of several parts of one module's parameters and buffers, from one pass.
 
-    Hashing all weights is linear in model size, so :meth:`value` recomputes it only when a cheap
-    signature changes: the tensors' names, identities, storage pointers, in-place version counters
-    (bumped by optimiser steps, ``load_state_dict`` and in-place edits), shapes, dtypes and a
-    strided sample of their values (which catches edits through ``.data``). Equal weights give
-    equal fingerprints across processes, so a disk cache is shared by identical models.
+    ``parts`` maps a part name to ``(include, extra)``: the tensor names the part covers and a
+    string mixed into its hash. Hashing all weights is linear in model size, so :meth:`values`
+    rehashes a part only when its cheap signature changes: the tensors' names, identities,
+    storage pointers, in-place version counters (bumped by optimiser steps, ``load_state_dict``
+    and in-place edits), shapes, dtypes and a strided sample of their values (which catches
+    edits through ``.data``). Equal weights give equal fingerprints across processes, so a disk
+    cache is shared by identical models.
     """
 
-    def __init__(self, module: nn.Module, include=lambda name: True, extra: str = ""):
+    def __init__(self, module: nn.Module, parts: Mapping[str, tuple[Callable[[str], bool], str]]):
         self.module = module
-        self.include = include
-        self.extra = extra
-        self._signature: tuple | None = None
-        self._value: str | None = None
+        self.parts = dict(parts)
+        self._signatures: dict[str, tuple] = {}
+        self._values: dict[str, str] = {}
+        self._probes: dict[int, tuple] = {}  # id(tensor) → (storage pointer, its probe)
 
-    def _tensors(self) -> list[tuple[str, torch.Tensor]]:
+    def values(self) -> dict[str, str]:
+        """{part: current fingerprint (hex)}."""
         named = list(self.module.named_parameters()) + list(self.module.named_buffers())
-        return sorted(((n, t) for n, t in named if self.include(n)), key=lambda nt: nt[0])
-
-    def _signature_of(self, named: list[tuple[str, torch.Tensor]]) -> tuple:
-        sig = []
-        samples = []
+        named.sort(key=lambda nt: nt[0])
+        probes, self._probes = self._probes, {}
+        entries = []
         for name, t in named:
             try:
                 version = t._version
             except RuntimeError:  # inference tensors have no version counter
                 version = -1
-            sig.append((name, id(t), t.data_ptr() if t.numel() else 0, version, tuple(t.shape), t.dtype, str(t.device)))
-            if t.numel():
-                flat = t.detach().reshape(-1)
-                samples.append(flat[:: max(1, flat.numel() // 8)][:8].float().to("cpu"))
-        probe = torch.cat(samples).numpy().tobytes() if samples else b""
-        return tuple(sig), probe
+            n = t.numel()
+            ptr = t.data_ptr() if n else 0
+            probe = probes.get(id(t))
+            if probe is None or probe[0] != ptr:
+                probe = (ptr, _probe_view(t))
+            self._probes[id(t)] = probe
+            sample = probe[1].tobytes() if isinstance(probe[1], np.ndarray) else probe[1]()
+            entries.append((name, id(t), ptr, version, t.shape, t.dtype, t.device, sample))
+        for part, (include, extra) in self.parts.items():
+            chosen = [i for i, (n, _) in enumerate(named) if include(n)]
+            sig = tuple(entries[i] for i in chosen)
+            if sig != self._signatures.get(part) or part not in self._values:
+                self._values[part] = digest(extra, *[x for i in chosen for x in named[i]])
+                self._signatures[part] = sig
+                log.debug("weights fingerprint of %s recomputed: %s", part, self._values[part][:12])
+        return dict(self._values)
+
+    def invalidate(self) -> None:
+        """Force a full recomputation at the next :meth:`values`."""
+        self._signatures.clear()
+        self._values.clear()
+
+
+def _probe_view(t: torch.Tensor):
+    """8 strided values of ``t``: a NumPy view of them (CPU; read anew at each call, no torch
+    op) or a function reading them."""
+    n = t.numel()
+    step = max(1, n // 8)
+    if t.device.type == "cpu" and t.dtype != torch.bfloat16 and t.is_contiguous():
+        return t.detach().numpy().reshape(-1)[::step][:8]
+    return lambda: t.detach().reshape(-1)[::step][:8].float().cpu().numpy().tobytes()
+
+
+class WeightsFingerprint(PartFingerprints):
+    """Content hash of a module's parameters and buffers (those whose names pass ``include``);
+    see :class:`PartFingerprints`."""
+
+    def __init__(self, module: nn.Module, include: Callable[[str], bool] = lambda name: True, extra: str = ""):
+        super().__init__(module, {"weights": (include, extra)})
 
     def value(self) -> str:
         """The current fingerprint (hex)."""
-        named = self._tensors()
-        sig = self._signature_of(named)
-        if sig != self._signature or self._value is None:
-            self._value = digest(self.extra, *[x for name, t in named for x in (name, t)])
-            self._signature = sig
-            log.debug("weights fingerprint recomputed: %s", self._value[:12])
-        return self._value
-
-    def invalidate(self) -> None:
-        """Force a full recomputation at the next :meth:`value`."""
-        self._signature = None
-        self._value = None
+        return self.values()["weights"]
 
 
 class EmbeddingCache:
@@ -256,4 +280,4 @@ class EmbeddingCache:
             total -= size
 
 
-__all__ = ["EmbeddingCache", "WeightsFingerprint", "digest", "entry_checksum", "entry_nbytes"]
+__all__ = ["EmbeddingCache", "PartFingerprints", "WeightsFingerprint", "digest", "entry_checksum", "entry_nbytes"]

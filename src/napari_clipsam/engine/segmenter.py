@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from os import PathLike
 from typing import Callable, Mapping, Sequence
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from ..models.clipsam import ClipSam, Encoded, ImageFeatures, Prompts
 from ..models.conditioning import grid_seeds, pseudo_prompts
 from ..models.fast import enable_fast_path, fast_inference
-from .cache import EmbeddingCache, WeightsFingerprint, digest
+from .cache import EmbeddingCache, PartFingerprints, digest
 from .instances import MIN_SUPPORT, TEXT_THRESHOLD, Instances, check_seeds, consensus_nms, mask_nms, paint_labels
 from .preprocess import Frame, frame_for, mask_to_prompt, normalize_image, postprocess_logits, to_model_input
 from .tiling import Tile, covering, make_tiles, paste_cores, route, stitch
@@ -43,6 +44,7 @@ Progress = Callable[[int, int, str], None]
 
 _DECODER_PARTS = ("sam.prompt_encoder.", "sam.mask_decoder.")
 _DECODE_CHUNK = 32
+_SIDES_KEPT = 4  # views whose decoder image sides are kept (each ~10 MB at vit_b size)
 _CONSENSUS_GRID = 128
 
 
@@ -138,10 +140,13 @@ class Segmenter:
         self.halo = halo
         self.progress = progress
         cfg = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
-        self._fp_features = WeightsFingerprint(
-            model, lambda n: not n.startswith(_DECODER_PARTS + ("conditioning.",)),
-            extra=f"{cfg}|prefix={model.prefix_blocks}")
-        self._fp_encoded = WeightsFingerprint(model, lambda n: not n.startswith(_DECODER_PARTS), extra=cfg)
+        self._fingerprints = PartFingerprints(model, {
+            "features": (lambda n: not n.startswith(_DECODER_PARTS + ("conditioning.",)),
+                         f"{cfg}|prefix={model.prefix_blocks}"),
+            "encoded": (lambda n: not n.startswith(_DECODER_PARTS), cfg),
+            "decoder": (lambda n: n.startswith(_DECODER_PARTS), ""),
+        })
+        self._sides: OrderedDict[str, dict] = OrderedDict()  # decoder image sides of recent views
         self._seen_fp: str | None = None
         self.reset_image()
 
@@ -165,8 +170,8 @@ class Segmenter:
     def model_changed(self) -> None:
         """Declare that the model's weights changed (also detected automatically): embeddings
         are recomputed under a new fingerprint; nothing stale is returned."""
-        self._fp_features.invalidate()
-        self._fp_encoded.invalidate()
+        self._fingerprints.invalidate()
+        self._sides.clear()
         self._check_fingerprint()
 
     def set_adapter(self, adapter: str | PathLike | Mapping[str, torch.Tensor]) -> dict:
@@ -193,14 +198,17 @@ class Segmenter:
         log.info("applied %d adapter tensors", len(state))
         return {}
 
-    def _check_fingerprint(self) -> tuple[str, str]:
-        f, e = self._fp_features.value(), self._fp_encoded.value()
+    def _check_fingerprint(self) -> tuple[str, str, str]:
+        """Fingerprints of what the features, the encoded rows and the decoder depend on (one
+        pass over the weights; a click pays it once)."""
+        fp = self._fingerprints.values()
+        f, e, d = fp["features"], fp["encoded"], fp["decoder"]
         if e != self._seen_fp:
             clear = getattr(self.model.semantics, "clear_cache", None)
             if clear is not None and self._seen_fp is not None:
                 clear()
             self._seen_fp = e
-        return f, e
+        return f, e, d
 
     # ---- image --------------------------------------------------------------------------------
     def reset_image(self) -> None:
@@ -211,6 +219,7 @@ class Segmenter:
         self._extra: dict[tuple[int, int, int, int], _View] = {}
         self._blank = False
         self._hash = ""
+        self._sides = OrderedDict()
 
     @property
     def image_shape(self) -> tuple[int, int] | None:
@@ -311,18 +320,30 @@ class Segmenter:
             self.cache.put(key, entry)
         return {k: v.to(self.device) for k, v in entry.items()}
 
-    def _features(self, view: _View) -> ImageFeatures:
-        fp, _ = self._check_fingerprint()
+    def _features(self, view: _View, fp: str | None = None) -> ImageFeatures:
+        fp = self._check_fingerprint()[0] if fp is None else fp
         e = self._cached(digest("features", fp, view.key), lambda: self.model.embed_image(self._input(view)))
         return ImageFeatures(e.get("tokens"), e.get("embeddings"), e["patches"])
 
     def _encoded(self, view: _View, text: str | None) -> Encoded:
+        f, fp, dec = self._check_fingerprint()
         if text is None and not self.model.text_dependent_encoder:
-            return Encoded(embeddings=self._features(view).embeddings, texts=(None,))
-        _, fp = self._check_fingerprint()
-        e = self._cached(digest("encoded", fp, view.key, text),
-                         lambda: self.model.condition(self._features(view), [text]))
-        return Encoded(e["embeddings"], e.get("prompt_tokens"), e.get("semantic"), e.get("similarity"), (text,))
+            return Encoded(embeddings=self._features(view, f).embeddings, texts=(None,),
+                           sides=self._sides_of(digest("features", f, view.key, dec)))
+        key = digest("encoded", fp, view.key, text)
+        e = self._cached(key, lambda: self.model.condition(self._features(view, f), [text]))
+        return Encoded(e["embeddings"], e.get("prompt_tokens"), e.get("semantic"), e.get("similarity"), (text,),
+                       sides=self._sides_of(digest(key, dec)))
+
+    def _sides_of(self, key: str) -> dict:
+        """The decoder's image sides of an encoded view (kept for the last few views, so clicks on
+        one image and text reuse them; ``key`` includes the decoder's weights)."""
+        sides = self._sides.pop(key, None)
+        sides = {} if sides is None else sides
+        self._sides[key] = sides
+        while len(self._sides) > _SIDES_KEPT:
+            self._sides.popitem(last=False)
+        return sides
 
     # ---- prompts ------------------------------------------------------------------------------
     def _check_prompts(self, points, labels, box, mask_input):
@@ -427,8 +448,10 @@ class Segmenter:
         view = self._route(points, box, mask_input)
         logits, iou = self._decode_view(view, text, points, labels, box, mask_input, multimask)
         h, w = self._image.shape[:2]
-        full = torch.full((logits.shape[0], h, w), -math.inf)
         y0, x0, y1, x1 = view.tile.window
+        if (y0, x0, y1, x1) == (0, 0, h, w):  # the view is the whole image
+            return logits.cpu(), iou.cpu()
+        full = torch.full((logits.shape[0], h, w), -math.inf)
         full[:, y0:y1, x0:x1] = logits.cpu()
         return full, iou.cpu()
 

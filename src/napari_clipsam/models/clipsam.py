@@ -26,6 +26,7 @@ from torch import nn
 
 from .clip_parts import ClipConfig, build_clip, clip_embed_dim, clip_text_width
 from .conditioning import Context, build_conditioning
+from .decoding import image_side, two_way, upscale_masks
 from .sam_parts import SamConfig, build_sam
 from .semantics import DEFAULT_TEMPLATES, ClipSemantics, TextFeatures, resize_to_grid, similarity_map
 
@@ -84,7 +85,10 @@ class Encoded:
 
     embeddings: (B, P, h, w); prompt_tokens: (B, K, P) extra sparse tokens or None; semantic:
     (B, 1, 4h, 4w) strategy semantic logits or None; similarity: (B, 1, h, w) CLIP similarity
-    on SAM's grid or None without text; texts: the row texts (None rows without text).
+    on SAM's grid or None without text; texts: the row texts (None rows without text); sides:
+    the decoder's prompt-independent image side per row, filled by :meth:`ClipSam.decode` in
+    inference (hand the same dict to a later Encoded of the same rows to reuse it; see
+    :mod:`~napari_clipsam.models.decoding`).
     """
 
     embeddings: torch.Tensor
@@ -92,6 +96,7 @@ class Encoded:
     semantic: torch.Tensor | None = None
     similarity: torch.Tensor | None = None
     texts: tuple[str | None, ...] = ()
+    sides: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -292,39 +297,61 @@ class ClipSam(nn.Module):
         if n and (int(p.image_index.min()) < 0 or int(p.image_index.max()) >= b):
             raise ValueError(f"prompt image_index out of range for {b} encoded images")
         pe = self.sam.prompt_encoder
-        masks = p.masks
-        no_spatial = p.points is None and p.boxes is None and masks is None
-        if no_spatial and enc.semantic is not None:
-            masks = enc.semantic[p.image_index]
+        masks, dense_of = p.masks, "prompt"  # what the dense input depends on
+        if masks is None:
+            dense_of = "none"
+            if p.points is None and p.boxes is None and enc.semantic is not None:
+                masks, dense_of = enc.semantic[p.image_index], "semantic"  # text only: the text's map
         points = (p.points, p.labels) if p.points is not None else None
         sparse, dense = pe(points=points, boxes=p.boxes, masks=masks)
         if sparse.shape[0] != n:
             sparse = sparse.expand(n, -1, -1)
-        if dense.shape[0] != n:
-            dense = dense.expand(n, -1, -1, -1)
         if enc.prompt_tokens is not None:
             sparse = torch.cat([sparse, enc.prompt_tokens[p.image_index].to(sparse.dtype)], dim=1)
-        return self._predict_masks(enc.embeddings[p.image_index], sparse, dense, multimask)
-
-    def _predict_masks(self, emb: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
-                       multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         md = self.sam.mask_decoder
-        n = emb.shape[0]
         out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens[None].expand(n, -1, -1).to(sparse.dtype), sparse], dim=1)
-        src = emb + dense
-        pos = self.sam.prompt_encoder.get_dense_pe().expand(n, -1, -1, -1)
-        hs, src = md.transformer(src, pos, tokens)
-        c, h, w = emb.shape[1:]
-        iou_out = hs[:, 0]
+        dev = self.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
+        with torch.autocast(dev, enabled=False):  # the decoding module picks dtypes per side
+            if dense_of == "prompt" or torch.is_grad_enabled() or n == 0:  # one image side per prompt
+                if dense.shape[0] != n:
+                    dense = dense.expand(n, -1, -1, -1)
+                side = image_side(md.transformer, enc.embeddings[p.image_index] + dense, pe.get_dense_pe(), dtype)
+                hs, src = two_way(md.transformer, side, tokens[:, None])
+                return self._masks_from(hs, src, multimask)
+            # The dense input is the same for every prompt of a row: its image side is computed
+            # once per row (and kept in enc.sides), then all prompts of the row run on it together.
+            hs = torch.empty(n, *tokens.shape[1:], device=tokens.device)
+            if dense.shape[0] != n:
+                dense = dense.expand(n, -1, -1, -1)
+            src, order = [], []
+            for row in torch.unique(p.image_index).tolist():
+                at = torch.nonzero(p.image_index == row).flatten()
+                key = (dense_of, row, dtype)
+                side = enc.sides.get(key)
+                if side is None:
+                    side = enc.sides[key] = image_side(md.transformer, enc.embeddings[row : row + 1] + dense[at[:1]],
+                                                       pe.get_dense_pe(), dtype)
+                h_row, s_row = two_way(md.transformer, side, tokens[at][None])
+                hs[at] = h_row
+                src.append(s_row)
+                order.append(at)
+            src = torch.cat(src)
+            if len(order) > 1:
+                src = src[torch.argsort(torch.cat(order))]
+            return self._masks_from(hs, src, multimask)
+
+    def _masks_from(self, hs: torch.Tensor, src: torch.Tensor,
+                    multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder tokens (N, T, C) and image tokens (N, HW, C) → (mask logits, predicted IoU)."""
+        md = self.sam.mask_decoder
         mask_out = hs[:, 1 : 1 + md.num_mask_tokens]
-        up = md.output_upscaling(src.transpose(1, 2).reshape(n, c, h, w))
         sel = slice(1, None) if multimask else slice(0, 1)
         idx = range(md.num_mask_tokens)[sel]
         hyper = torch.stack([md.output_hypernetworks_mlps[i](mask_out[:, i]) for i in idx], dim=1)
-        b, cu, hu, wu = up.shape
-        masks = (hyper @ up.reshape(b, cu, hu * wu)).reshape(b, -1, hu, wu)
-        iou = md.iou_prediction_head(iou_out)[:, sel]
+        masks = upscale_masks(md.output_upscaling, src, hyper, self.embed_size, self.embed_size)
+        iou = md.iou_prediction_head(hs[:, 0])[:, sel]
         return masks.float(), iou.float()  # fp32 whatever autocast computed in (NumPy has no bf16)
 
     def semantic_logits(self, enc: Encoded) -> torch.Tensor:

@@ -9,7 +9,10 @@ Three pieces, all reversible and none touching a parameter:
   become an additive float ``attn_mask`` of :func:`torch.nn.functional.scaled_dot_product_attention`
   (fused kernel, no separate softmax pass). Global-attention blocks are processed in query
   chunks so the (N, N) bias never exists in full (memory bound: ``_MASK_BUDGET`` bytes).
-* **SDPA in the mask decoder's two-way transformer** (click latency).
+* **SDPA in the mask decoder's two-way transformer** (click latency). The decoder itself is
+  run by :mod:`~napari_clipsam.models.decoding` (always: same math as segment-anything's): the
+  prompt-independent image side is computed once per image and, under autocast, the image-side
+  tensors stay in bf16/fp16 from op to op (autocast would cast them back and forth).
 * **Autocast** (bf16 on CPUs with native bf16 matmuls — ``avx512_bf16`` or ``amx_bf16`` —, bf16
   or fp16 on CUDA) plus ``torch.inference_mode`` through :func:`fast_inference`.
 

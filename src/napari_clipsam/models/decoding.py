@@ -1,0 +1,190 @@
+"""SAM's two-way transformer, run with its prompt-independent image side computed once per image.
+
+The math is segment-anything's ``TwoWayTransformer`` (tests compare the two in fp32); what
+differs is what gets computed once. Without a mask prompt every prompt on an image sees the same
+dense input (the image embedding plus the "no mask" embedding), so the first block's projections
+of the image tokens — the keys and values the prompt tokens attend to, and the queries with which
+the image tokens attend back — do not depend on the prompt. :func:`image_side` computes them per
+image; :class:`~napari_clipsam.models.clipsam.ClipSam` keeps them on the ``Encoded`` rows, so a
+click (or each chunk of ``segment_text``'s seeds) starts from them.
+
+Prompts on one image share those tensors without copies: the first block's token→image attention
+runs all prompts' tokens as one query sequence (attention rows are independent), and the
+image→token attention scores every prompt's tokens in one matrix product.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.modeling.transformer import TwoWayTransformer
+from torch import nn
+
+
+@dataclass
+class ImageSide:
+    """The prompt-independent part of the first two-way block for R image rows.
+
+    keys: (R, HW, C) image tokens (embedding + dense prompt); pe: (1, HW, C) positional
+    encoding; k, v: (R, heads, HW, d) token→image keys and values; q: (R, heads, HW, d)
+    image→token queries.
+    """
+
+    keys: torch.Tensor
+    pe: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q: torch.Tensor
+
+    def row(self, r: int) -> "ImageSide":
+        s = slice(r, r + 1)
+        return ImageSide(self.keys[s], self.pe, self.k[s], self.v[s], self.q[s])
+
+
+def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, L, n·d) → (B, n, L, d)."""
+    b, length, c = x.shape
+    return x.reshape(b, length, n, c // n).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """(B, n, L, d) → (B, L, n·d)."""
+    b, n, length, d = x.shape
+    return x.transpose(1, 2).reshape(b, length, n * d)
+
+
+def _lin(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mod(x)`` computed in ``x``'s dtype (a plain Linear casts its small weight, never the
+    large input; other modules, e.g. LoRA-wrapped ones, run in their own dtype)."""
+    if type(mod) is nn.Linear:
+        return F.linear(x, mod.weight.to(x.dtype), None if mod.bias is None else mod.bias.to(x.dtype))
+    return mod(x.to(next(mod.parameters()).dtype)).to(x.dtype)
+
+
+def _norm(mod: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, mod.normalized_shape, mod.weight.to(x.dtype), mod.bias.to(x.dtype), mod.eps)
+
+
+def _check(tr: TwoWayTransformer) -> None:
+    if not tr.layers or not tr.layers[0].skip_first_layer_pe:
+        raise ValueError("two_way: expects segment-anything's TwoWayTransformer (first block skips the PE)")
+
+
+def image_side(tr: TwoWayTransformer, src: torch.Tensor, pos: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> ImageSide:
+    """:class:`ImageSide` of (R, C, h, w) dense inputs ``src`` (embedding + dense prompt) with the
+    (1, C, h, w) positional encoding ``pos``, in ``dtype`` (the image side's compute dtype)."""
+    _check(tr)
+    block = tr.layers[0]
+    keys = src.flatten(2).transpose(1, 2).to(dtype)
+    pe = pos.flatten(2).transpose(1, 2).to(dtype)
+    with_pe = keys + pe
+    t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token
+    return ImageSide(keys, pe, _heads(_lin(t2i.k_proj, with_pe), t2i.num_heads),
+                     _heads(_lin(t2i.v_proj, keys), t2i.num_heads), _heads(_lin(i2t.q_proj, with_pe), i2t.num_heads))
+
+
+def _image_to_tokens(a, q: torch.Tensor, queries: torch.Tensor, qpe: torch.Tensor) -> torch.Tensor:
+    """Image tokens attend to prompt tokens: q (n, h, HW, d) projected image queries, tokens
+    (n, T, C) → (n, HW, C) in q's dtype. Few keys: one small matrix product and softmax."""
+    k = _heads(a.k_proj(queries + qpe), a.num_heads).to(q.dtype)
+    v = _heads(a.v_proj(queries), a.num_heads).to(q.dtype)
+    # Scores as (keys, HW): the softmax then runs along a long contiguous axis (fast), not a short one.
+    p = ((k @ q.transpose(2, 3)) / math.sqrt(q.shape[-1])).softmax(-2)
+    return _lin(a.out_proj, _merge(p.transpose(2, 3) @ v))
+
+
+def _tokens_to_image(a, queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Prompt tokens (n, T, C) attend to projected image keys/values (n, h, HW, d) → (n, T, C)."""
+    q = _heads(a.q_proj(queries), a.num_heads).to(k.dtype)
+    return a.out_proj(_merge(F.scaled_dot_product_attention(q, k, v).float()))
+
+
+def two_way(tr: TwoWayTransformer, side: ImageSide, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``tr`` for prompt tokens (R, m, T, C) — m prompts on each of the R rows of ``side`` —
+    → (tokens (R·m, T, C) fp32, image tokens (R·m, HW, C) in the side's dtype), as
+    ``tr(src, pos, tokens)`` would. Token-side work (small) runs in fp32, image-side work in the
+    side's dtype; call it with autocast off."""
+    _check(tr)
+    r, m, t, c = tokens.shape
+    n = r * m
+    block = tr.layers[0]
+    qpe = tokens.reshape(n, t, c).float()
+    queries = block.norm1(block.self_attn(q=qpe, k=qpe, v=qpe))
+
+    a = block.cross_attn_token_to_image  # every prompt's tokens of a row: one query sequence
+    q = _heads(a.q_proj(queries + qpe), a.num_heads)  # (n, h, T, d)
+    h, d = q.shape[1], q.shape[3]
+    q = q.reshape(r, m, h, t, d).transpose(1, 2).reshape(r, h, m * t, d).to(side.k.dtype)
+    out = F.scaled_dot_product_attention(q, side.k, side.v).float()
+    out = out.reshape(r, h, m, t, d).transpose(1, 2).reshape(n, h, t, d)
+    queries = block.norm2(queries + a.out_proj(_merge(out)))
+    queries = block.norm3(queries + block.mlp(queries))
+
+    a = block.cross_attn_image_to_token  # image tokens attend to each prompt's tokens
+    k = _heads(a.k_proj(queries + qpe), a.num_heads).to(side.q.dtype)  # (n, h, T, d)
+    v = _heads(a.v_proj(queries), a.num_heads).to(side.q.dtype)
+    k = k.reshape(r, m, h, t, d).transpose(1, 2).reshape(r, h, m * t, d)
+    scores = (k @ side.q.transpose(2, 3)) / math.sqrt(d)  # (r, h, m·T, HW): softmax along HW-contiguous rows
+    hw = scores.shape[3]
+    p = scores.reshape(r, h, m, t, hw).softmax(3).permute(0, 2, 1, 4, 3)  # (r, m, h, HW, T)
+    out = p @ v.reshape(r, m, h, t, d)  # (r, m, h, HW, d)
+    attn = _lin(a.out_proj, _merge(out.reshape(n, h, hw, d)))
+    keys = _norm(block.norm4, (side.keys[:, None] + attn.reshape(r, m, hw, c)).reshape(n, hw, c))
+
+    pe = side.pe
+    for block in tr.layers[1:]:  # per prompt from here on
+        queries = block.norm1(queries + block.self_attn(q=queries + qpe, k=queries + qpe, v=queries))
+        with_pe = keys + pe
+        a = block.cross_attn_token_to_image
+        kv = _heads(_lin(a.k_proj, with_pe), a.num_heads), _heads(_lin(a.v_proj, keys), a.num_heads)
+        queries = block.norm2(queries + _tokens_to_image(a, queries + qpe, *kv))
+        queries = block.norm3(queries + block.mlp(queries))
+        a = block.cross_attn_image_to_token
+        keys = _norm(block.norm4, keys + _image_to_tokens(a, _heads(_lin(a.q_proj, with_pe), a.num_heads), queries, qpe))
+    a = tr.final_attn_token_to_image
+    kv = _heads(_lin(a.k_proj, keys + pe), a.num_heads), _heads(_lin(a.v_proj, keys), a.num_heads)
+    return tr.norm_final_attn(queries + _tokens_to_image(a, queries + qpe, *kv)), keys
+
+
+def _is_stock_upscaling(up: nn.Sequential) -> bool:
+    kinds = [type(mod) for mod in up]
+    return (kinds == [nn.ConvTranspose2d, LayerNorm2d, nn.GELU, nn.ConvTranspose2d, nn.GELU]
+            and all(mod.kernel_size == (2, 2) and mod.stride == (2, 2) and mod.padding == (0, 0)
+                    for mod in (up[0], up[3]))
+            and up[2].approximate == "none" and up[4].approximate == "none")
+
+
+def _convt2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """A 2×2 stride-2 transposed convolution on channels-last (..., C) pixels → (..., 2, 2, C')."""
+    w = conv.weight.permute(0, 2, 3, 1)  # (C, 2, 2, C')
+    y = F.linear(x, w.reshape(w.shape[0], -1).t().to(x.dtype), conv.bias.repeat(4).to(x.dtype))
+    return y.reshape(*x.shape[:-1], 2, 2, w.shape[-1])
+
+
+def upscale_masks(up: nn.Sequential, src: torch.Tensor, hyper: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """SAM's mask head: image tokens (n, h·w, C) through ``output_upscaling`` (4× finer), dotted
+    with hypernetwork outputs (n, M, C/8) → mask logits (n, M, 4h, 4w).
+
+    segment-anything's stock head is computed on channels-last pixels: each 2×2 transposed
+    convolution is one matrix product, the channel LayerNorm a ``layer_norm`` over the last axis,
+    and only the final one-channel masks are rearranged into images (same math; other heads go
+    through their modules).
+    """
+    n, m = src.shape[0], hyper.shape[1]
+    if not _is_stock_upscaling(up):
+        x = up(src.transpose(1, 2).reshape(n, -1, h, w))
+        return (hyper @ x.flatten(2)).reshape(n, m, x.shape[2], x.shape[3])
+    x = _convt2(src.reshape(n, h, w, -1), up[0])  # (n, h, w, 2, 2, C/4)
+    x = F.gelu(F.layer_norm(x, x.shape[-1:], up[1].weight.to(x.dtype), up[1].bias.to(x.dtype), up[1].eps))
+    x = F.gelu(_convt2(x, up[3]))  # (n, h, w, 2, 2, 2, 2, C/8)
+    masks = x.reshape(n, -1, x.shape[-1]) @ hyper.transpose(1, 2).to(x.dtype)  # (n, h·w·16, M)
+    masks = masks.reshape(n, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)  # y = 4i + 2a + a', x = 4j + 2b + b'
+    return masks.reshape(n, m, 4 * h, 4 * w)
+
+
+__all__ = ["ImageSide", "image_side", "two_way", "upscale_masks"]
