@@ -397,7 +397,8 @@ def row_text_instances(models: Models, image01: np.ndarray, mask: np.ndarray, qu
 
         def run(seeds=seeds, out=out):
             with fast.fast_inference(m, autocast=False):
-                out["r"] = seg.segment_text(f"nucleus {next(counter)}", min_score=0.0, seeds=seeds)  # random weights: any IoU
+                out["r"] = seg.segment_text(f"nucleus {next(counter)}", min_score=0.0, min_support=0.0,
+                                             seeds=seeds)  # random weights: keep any mask
 
         t = timeit(run, repeat=2 if quick else 3, warmup=1)
         n = len(out["r"])
