@@ -82,3 +82,23 @@ def test_weights_fingerprint_follows_the_weights():
     with torch.no_grad():
         net[0].bias.add_(1.0)  # a part outside the included names does not change it
     assert only_second.value() == w and fp.value() != v0
+
+
+def test_weights_fingerprint_sees_new_and_replaced_tensors():
+    """The tensor list is cached between checks; registering a parameter, buffer or submodule
+    anywhere makes the next check list the module again."""
+    from napari_clipsam.engine.cache import PartFingerprints
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    fps = PartFingerprints(net, {"all": (lambda n: True, ""), "first": (lambda n: n.startswith("0."), "")})
+    v0 = fps.values()
+    net.append(torch.nn.Linear(4, 2))  # a new submodule (as peft does when it attaches LoRA)
+    v1 = fps.values()
+    assert v1["all"] != v0["all"] and v1["first"] == v0["first"]
+    net[1].weight = torch.nn.Parameter(torch.zeros(2, 4))  # a parameter replaced
+    v2 = fps.values()
+    assert v2["all"] != v1["all"]
+    net.register_buffer("scale", torch.ones(1))
+    assert fps.values()["all"] != v2["all"]
+    net[0].weight.data = torch.zeros(4, 4)  # new storage behind the same Parameter
+    assert fps.values()["first"] != v0["first"]

@@ -83,11 +83,23 @@ class PartFingerprints:
         self._signatures: dict[str, tuple] = {}
         self._values: dict[str, str] = {}
         self._probes: dict[int, tuple] = {}  # id(tensor) → (storage pointer, its probe)
+        self._listed: tuple | None = None
+
+    def _named(self) -> tuple[list[tuple[str, torch.Tensor]], dict[str, list[int]]]:
+        """The module's tensors sorted by name and, per part, the indices it covers: listed again
+        only after some module registered a parameter, buffer or submodule (walking the module
+        tree costs more than the rest of a check)."""
+        if self._listed is None or self._listed[0] != _registrations[0]:
+            named = list(self.module.named_parameters()) + list(self.module.named_buffers())
+            named.sort(key=lambda nt: nt[0])
+            chosen = {part: [i for i, (n, _) in enumerate(named) if include(n)]
+                      for part, (include, _) in self.parts.items()}
+            self._listed = (_registrations[0], named, chosen)
+        return self._listed[1], self._listed[2]
 
     def values(self) -> dict[str, str]:
         """{part: current fingerprint (hex)}."""
-        named = list(self.module.named_parameters()) + list(self.module.named_buffers())
-        named.sort(key=lambda nt: nt[0])
+        named, chosen_of = self._named()
         probes, self._probes = self._probes, {}
         entries = []
         for name, t in named:
@@ -103,8 +115,8 @@ class PartFingerprints:
             self._probes[id(t)] = probe
             sample = probe[1].tobytes() if isinstance(probe[1], np.ndarray) else probe[1]()
             entries.append((name, id(t), ptr, version, t.shape, t.dtype, t.device, sample))
-        for part, (include, extra) in self.parts.items():
-            chosen = [i for i, (n, _) in enumerate(named) if include(n)]
+        for part, (_, extra) in self.parts.items():
+            chosen = chosen_of[part]
             sig = tuple(entries[i] for i in chosen)
             if sig != self._signatures.get(part) or part not in self._values:
                 self._values[part] = digest(extra, *[x for i in chosen for x in named[i]])
@@ -116,6 +128,22 @@ class PartFingerprints:
         """Force a full recomputation at the next :meth:`values`."""
         self._signatures.clear()
         self._values.clear()
+        self._listed = None
+
+
+#: Bumped whenever any module registers a parameter, buffer or submodule (torch's global
+#: registration hooks): a module's list of tensors can only have changed then.
+_registrations = [0]
+
+
+def _registered(*_args):
+    _registrations[0] += 1
+
+
+for _register in (nn.modules.module.register_module_parameter_registration_hook,
+                  nn.modules.module.register_module_buffer_registration_hook,
+                  nn.modules.module.register_module_module_registration_hook):
+    _register(_registered)
 
 
 def _probe_view(t: torch.Tensor):

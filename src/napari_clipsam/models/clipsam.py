@@ -223,7 +223,7 @@ class ClipSam(nn.Module):
                 x = x + enc.pos_embed
         else:
             raise ValueError(f"encoder_tokens from block {start} needs the tokens of block {start - 1}")
-        for blk in enc.blocks[start:stop]:
+        for blk in list(enc.blocks)[start:stop]:
             x = blk(x)
         return x
 
@@ -251,7 +251,7 @@ class ClipSam(nn.Module):
             emb = feats.embeddings
             if emb is None:
                 x = feats.tokens
-                for blk in enc.blocks[self.prefix_blocks:]:
+                for blk in list(enc.blocks)[self.prefix_blocks:]:
                     x = blk(x)
                 emb = enc.neck(x.permute(0, 3, 1, 2))
             return Encoded(embeddings=emb, texts=texts)

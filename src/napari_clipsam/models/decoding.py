@@ -137,7 +137,7 @@ def two_way(tr: TwoWayTransformer, side: ImageSide, tokens: torch.Tensor) -> tup
     keys = _norm(block.norm4, (side.keys[:, None] + attn.reshape(r, m, hw, c)).reshape(n, hw, c))
 
     pe = side.pe
-    for block in tr.layers[1:]:  # per prompt from here on
+    for block in list(tr.layers)[1:]:  # per prompt from here on (slicing a ModuleList builds a module)
         queries = block.norm1(queries + block.self_attn(q=queries + qpe, k=queries + qpe, v=queries))
         with_pe = keys + pe
         a = block.cross_attn_token_to_image
