@@ -157,6 +157,10 @@ def test_bad_inputs_raise_clear_errors():
         seg.segment_text("  ")
     with pytest.raises(ValueError, match="seeds must be"):
         seg.segment_text("nucleus", seeds="kmeans")
+    for kw, msg in [(dict(min_support=1.5), "min_support must lie in"), (dict(threshold=-0.1), "threshold"),
+                    (dict(min_score="high"), "min_score must be a number")]:
+        with pytest.raises(ValueError, match=msg):
+            seg.segment_text("nucleus", **kw)
 
 
 def test_constant_image_gives_empty_results_without_running_the_model():

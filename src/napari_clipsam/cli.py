@@ -20,7 +20,7 @@ import numpy as np
 from . import __version__
 from .batch import io as _io
 from .batch.io import LABELS_SUFFIX, TIFF_SUFFIXES
-from .engine.instances import SEED_MODES, TEXT_THRESHOLD
+from .engine.instances import MIN_SUPPORT, SEED_MODES, TEXT_THRESHOLD
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -376,6 +376,9 @@ def add_segment_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--min-area", type=int, default=16, help="text mode: smallest object in pixels (default 16)")
     p.add_argument("--min-score", type=float, default=0.25,
                    help="text mode: lowest predicted IoU of a kept object (default 0.25)")
+    p.add_argument("--min-support", type=float, default=MIN_SUPPORT,
+                   help="text mode: least mean text probability inside a kept object, 0 keeps all "
+                        f"(default {MIN_SUPPORT})")
     p.add_argument("--seeds", choices=SEED_MODES, default="grid",
                    help="text mode: click a grid of seeds in the text's regions (default; touching objects "
                         "come out separately) or one prompt per region (faster, for decoders trained with "
@@ -486,14 +489,15 @@ def _segment_one(seg, image: np.ndarray, kind: str, path: Path, args, text, pts,
                                      channel_axis=args.channel_axis, progress=progress,
                                      **({} if pts is not None or box is not None else
                                         {"threshold": args.threshold, "min_area": args.min_area,
-                                         "min_score": args.min_score, "seeds": args.seeds}))
+                                         "min_score": args.min_score, "seeds": args.seeds,
+                                         "min_support": args.min_support}))
             return res.labels, len(np.unique(res.labels)) - (1 if (res.labels == 0).any() else 0)
         seg.set_image(image, channel_axis=args.channel_axis, progress=progress)
         if pts is not None or box is not None:
             mask, _ = seg.predict(points=pts, labels=lab, box=box, text=text)
             return mask.astype(np.uint16), int(mask.any())
         res = seg.segment_text(text, threshold=args.threshold, min_area=args.min_area, min_score=args.min_score,
-                               seeds=args.seeds, progress=progress)
+                               seeds=args.seeds, min_support=args.min_support, progress=progress)
         return res.labels, len(res.scores)
     except ValueError as err:
         raise CliError(f"{path}: {err}") from err

@@ -54,7 +54,7 @@ def run_segment_cli(args: argparse.Namespace) -> int:
                                adapter=args.adapter, volume=args.volume, scheduler=args.scheduler,
                                n_workers=workers, overwrite=args.overwrite, channel_axis=args.channel_axis,
                                threshold=args.threshold, min_area=args.min_area, min_score=args.min_score,
-                               seeds=args.seeds, tile_size=args.tile_size, device=args.device, progress=progress)
+                               seeds=args.seeds, min_support=args.min_support, tile_size=args.tile_size, device=args.device, progress=progress)
     except ValueError as err:
         raise CliError(str(err)) from err
     finally:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..engine.instances import TEXT_THRESHOLD, check_seeds
+from ..engine.instances import MIN_SUPPORT, TEXT_THRESHOLD, check_fraction, check_seeds
 from .io import SliceStore, expand_inputs, labels_dtype, lazy_array, output_for, write_labels
 from .worker import ModelSpec, segment_image_file, segment_slice
 
@@ -237,7 +237,7 @@ def segment_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike, outpu
                   scheduler: Any = "local", n_workers: int = 2, threads_per_worker: int = 1,
                   overwrite: bool = False, output_format: str = "tif", channel_axis: int | None = None,
                   channels: Sequence[int] | None = None, threshold: float = TEXT_THRESHOLD, min_area: int = 16,
-                  min_score: float = 0.25, seeds: str = "grid", link_overlap: float = 0.5, tile_size: int | None = None,
+                  min_score: float = 0.25, seeds: str = "grid", min_support: float = MIN_SUPPORT, link_overlap: float = 0.5, tile_size: int | None = None,
                   halo: int | None = None, device: str | None = None, retries: int = 1, ship: str = "path",
                   progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> BatchReport:
     """Segment every object of ``text`` in many images/volumes with Dask; one labels file per input.
@@ -253,7 +253,7 @@ def segment_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike, outpu
         scheduler: "local" (LocalCluster, ``n_workers`` processes), "threads", a scheduler
             address "tcp://host:port", or a ``distributed.Client``.
         overwrite: replace existing outputs; otherwise they are skipped (resume).
-        threshold, min_area, min_score, seeds, tile_size, halo, link_overlap: as in
+        threshold, min_area, min_score, seeds, min_support, tile_size, halo, link_overlap: as in
             ``Segmenter.segment_text`` / ``segment_volume``.
         retries: extra attempts for a task that raised (a dead worker's tasks are rescheduled
             by Dask regardless).
@@ -271,7 +271,7 @@ def segment_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike, outpu
     pairs = _plan(inputs, output_dir, outputs, output_format)
     spec = ModelSpec.create(model, adapter, device, tile_size, halo)
     base = {"threshold": threshold, "min_area": min_area, "min_score": min_score, "seeds": check_seeds(seeds),
-            "channels": channels}
+            "min_support": check_fraction(min_support, "min_support"), "channels": channels}
     report = BatchReport([FileResult(i, o, "pending") for i, o in pairs])
     todo = []
     for r in report.results:

@@ -150,7 +150,7 @@ def loaded_models() -> list[str]:
 
 # ---- tasks ------------------------------------------------------------------------------------
 def _text_params(params: dict) -> dict:
-    return {k: params[k] for k in ("threshold", "min_area", "min_score", "seeds") if k in params}
+    return {k: params[k] for k in ("threshold", "min_area", "min_score", "seeds", "min_support") if k in params}
 
 
 def segment_image(spec: ModelSpec, source: Any, text: str, params: dict) -> tuple[np.ndarray, dict[int, float]]:

@@ -21,6 +21,17 @@ MIN_SUPPORT = 0.5
 SEED_MODES = ("grid", "regions")
 
 
+def check_fraction(value: float, name: str) -> float:
+    """``value`` as a float if it lies in [0, 1], else ``ValueError`` naming ``name``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+    return v
+
+
 def check_seeds(seeds: str) -> str:
     """``seeds`` if it is one of :data:`SEED_MODES`, else ``ValueError``."""
     if seeds not in SEED_MODES:

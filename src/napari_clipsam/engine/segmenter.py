@@ -33,7 +33,7 @@ from ..models.clipsam import ClipSam, Encoded, ImageFeatures, Prompts
 from ..models.conditioning import grid_seeds, pseudo_prompts
 from ..models.fast import enable_fast_path, fast_inference
 from .cache import EmbeddingCache, PartFingerprints, digest
-from .instances import MIN_SUPPORT, TEXT_THRESHOLD, Instances, check_seeds, consensus_nms, mask_nms, paint_labels
+from .instances import MIN_SUPPORT, TEXT_THRESHOLD, Instances, check_fraction, check_seeds, consensus_nms, mask_nms, paint_labels
 from .preprocess import Frame, frame_for, mask_to_prompt, normalize_image, postprocess_logits, to_model_input
 from .tiling import Tile, covering, make_tiles, paste_cores, route, stitch
 
@@ -526,6 +526,8 @@ class Segmenter:
         self._require_image()
         text = self._check_text(text)
         check_seeds(seeds)
+        for value, name in ((threshold, "threshold"), (min_score, "min_score"), (min_support, "min_support")):
+            check_fraction(value, name)
         h, w = self._image.shape[:2]
         if self._blank:
             return TextSegmentation(np.zeros((h, w), np.uint32), {}, np.zeros((h, w), np.float32))
