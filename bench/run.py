@@ -475,10 +475,12 @@ def row_two_stage(models: Models, image01: np.ndarray, mask: np.ndarray, quick: 
                  "vs_peer": to["min"] / tp["min"]})
 
 
-TRAIN_VARIANTS = {
-    "lora+cache": {"lora": True, "cache": True},
-    "lora, no cache": {"lora": True, "cache": False},
-    "full fine-tuning": {"lora": False, "cache": False},
+TRAIN_VARIANTS = {  # "blocks": LoRA's blocks (LoraSettings.blocks; "half" is the default)
+    "lora+cache": {"lora": True, "cache": True, "blocks": "half"},
+    "lora, no cache": {"lora": True, "cache": False, "blocks": "half"},
+    "lora (last 4 blocks)+cache": {"lora": True, "cache": True, "blocks": 4},
+    "lora (last 4 blocks), no cache": {"lora": True, "cache": False, "blocks": 4},
+    "full fine-tuning": {"lora": False, "cache": False, "blocks": None},
 }
 
 
@@ -507,7 +509,7 @@ def train_child(spec: dict) -> dict:
     if spec["lora"]:
         try:
             from napari_clipsam.training.lora import LoraSettings, attach_lora
-            blocks = attach_lora(model, LoraSettings(rank=8, blocks="half"))
+            blocks = attach_lora(model, LoraSettings(rank=8, blocks=spec.get("blocks", "half")))
             how = "training.lora.attach_lora"
         except ImportError:
             import peft
@@ -569,7 +571,7 @@ def train_child(spec: dict) -> dict:
 def row_finetune(quick: bool, threads: int, res: dict) -> None:
     size = 512 if quick else 1024
     steps = 2 if quick else 3
-    base = None
+    base: dict = {}  # LoRA blocks → step time of LoRA on them without the cache
     for name, v in TRAIN_VARIANTS.items():
         spec = {**v, "size": size, "steps": steps, "batch": 1, "threads": threads}
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--train-child", json.dumps(spec)],
@@ -579,16 +581,18 @@ def row_finetune(quick: bool, threads: int, res: dict) -> None:
                                 "note": "failed: " + proc.stderr.strip().splitlines()[-1][:200]})
             continue
         out = json.loads(proc.stdout.strip().splitlines()[-1])
-        if name == "lora, no cache":
-            base = out["step_s"]["min"]
+        if v["lora"] and not v["cache"]:
+            base[v["blocks"]] = out["step_s"]["min"]
         res["rows"].append({"row": 6, "case": f"fine-tune step, {name}", "size": f"{size}²", "s": out["step_s"],
+                            "blocks": v["blocks"],
                             "peak_rss_mib": round(out["peak_rss_mib"]),
                             "note": f"{out['trainable'] / 1e6:.2f}M trainable, peak RSS {out['peak_rss_mib']:.0f} MiB "
                                     f"(after build {out['rss_after_build_mib']:.0f}), LoRA via {out['lora_via']}, "
                                     f"{out['cached_blocks']} cached blocks"})
-    for r in res["rows"]:
-        if r["row"] == 6 and r.get("s") and base:
-            r["vs_lora_no_cache"] = r["s"]["min"] / base
+    for r in res["rows"]:  # against LoRA on the same blocks without the cache (full: the default LoRA)
+        ref = base.get(r.get("blocks") or "half")
+        if r["row"] == 6 and r.get("s") and ref:
+            r["vs_lora_no_cache"] = r["s"]["min"] / ref
 
 
 def row_volume(models: Models, quick: bool, res: dict) -> None:
