@@ -43,7 +43,11 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int, str], None]
 
 _DECODER_PARTS = ("sam.prompt_encoder.", "sam.mask_decoder.")
-_DECODE_CHUNK = 32
+_DECODE_CHUNK = 32  # prompts per decode call at most, and masks per postprocessing step
+#: Image-token elements (prompts × h·w × channels) per decode call: beyond a few million the
+#: per-prompt cost grows (vit_b 1024², bf16, ms per prompt at 1 / 4 / 8 / 16 / 32 prompts a call:
+#: 20.4 / 22.2 / 23.5 / 28.3 / 35.3), so large models decode few prompts at a time.
+_DECODE_ELEMENTS = 1 << 22
 _SIDES_KEPT = 4  # views whose decoder image sides are kept (each ~10 MB at vit_b size)
 _CONSENSUS_GRID = 128
 
@@ -589,15 +593,17 @@ class Segmenter:
                               labels=torch.ones(n, 1), masks=(region * 2 - 1) * 8.0)
             near = torch.from_numpy(_grow(pp.areas, region_margin))[:, None]
         low_masks, iou = [], []
-        for c in range(0, n, _DECODE_CHUNK):
+        emb = enc.embeddings
+        chunk = max(1, min(_DECODE_CHUNK, _DECODE_ELEMENTS // (emb.shape[1] * emb.shape[2] * emb.shape[3])))
+        for c in range(0, n, chunk):
             with fast_inference(self.model):
-                lm, sc = self.model.decode(enc, prompts[c : c + _DECODE_CHUNK])
+                lm, sc = self.model.decode(enc, prompts[c : c + chunk])
                 # Each instance stays near its area: a decoder that wanders onto other objects of
                 # the same concept would otherwise return their union for every prompt.
-                low_masks.append(lm.masked_fill(~near[c : c + _DECODE_CHUNK].to(lm.device), -1e4))
+                low_masks.append(lm.masked_fill(~near[c : c + chunk].to(lm.device), -1e4))
                 iou.append(sc[:, 0].clamp(0, 1))
             if report:
-                report(min(n, c + _DECODE_CHUNK), n, "segment_text")
+                report(min(n, c + chunk), n, "segment_text")
         low_masks, iou = torch.cat(low_masks), torch.cat(iou)
         rank = iou.cpu().numpy().astype(np.float64)
         if seeds == "grid":  # the masks most seeds agree on, ranked by those votes
