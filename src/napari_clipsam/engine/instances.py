@@ -284,5 +284,5 @@ def label_overlap(a: np.ndarray, b: np.ndarray, metric: str = "iou") -> tuple[np
     return ids_a[ra], ids_b[rb], iou[np.ix_(ra, rb)]
 
 
-__all__ = ["SEED_MODES", "TEXT_THRESHOLD", "Instances", "check_seeds", "consensus_nms", "label_overlap", "mask_nms",
+__all__ = ["MIN_SUPPORT", "SEED_MODES", "TEXT_THRESHOLD", "Instances", "check_fraction", "check_seeds", "consensus_nms", "label_overlap", "mask_nms",
            "paint_labels"]

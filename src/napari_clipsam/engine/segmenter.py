@@ -150,7 +150,6 @@ class Segmenter:
             "encoded": (lambda n: not n.startswith(_DECODER_PARTS), cfg),
             "decoder": (lambda n: n.startswith(_DECODER_PARTS), ""),
         })
-        self._sides: OrderedDict[str, dict] = OrderedDict()  # decoder image sides of recent views
         self._seen_fp: str | None = None
         self.reset_image()
 
@@ -223,7 +222,7 @@ class Segmenter:
         self._extra: dict[tuple[int, int, int, int], _View] = {}
         self._blank = False
         self._hash = ""
-        self._sides = OrderedDict()
+        self._sides: OrderedDict[str, dict] = OrderedDict()  # decoder image sides of recent views
 
     @property
     def image_shape(self) -> tuple[int, int] | None:

@@ -313,18 +313,16 @@ class ClipSam(nn.Module):
         tokens = torch.cat([out_tokens[None].expand(n, -1, -1).to(sparse.dtype), sparse], dim=1)
         dev = self.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
+        if dense.shape[0] != n:
+            dense = dense.expand(n, -1, -1, -1)
         with torch.autocast(dev, enabled=False):  # the decoding module picks dtypes per side
             if dense_of == "prompt" or torch.is_grad_enabled() or n == 0:  # one image side per prompt
-                if dense.shape[0] != n:
-                    dense = dense.expand(n, -1, -1, -1)
                 side = image_side(md.transformer, enc.embeddings[p.image_index] + dense, pe.get_dense_pe(), dtype)
                 hs, src = two_way(md.transformer, side, tokens[:, None])
                 return self._masks_from(hs, src, multimask)
             # The dense input is the same for every prompt of a row: its image side is computed
             # once per row (and kept in enc.sides), then all prompts of the row run on it together.
             hs = torch.empty(n, *tokens.shape[1:], device=tokens.device)
-            if dense.shape[0] != n:
-                dense = dense.expand(n, -1, -1, -1)
             src, order = [], []
             for row in torch.unique(p.image_index).tolist():
                 at = torch.nonzero(p.image_index == row).flatten()

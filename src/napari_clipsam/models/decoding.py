@@ -40,10 +40,6 @@ class ImageSide:
     v: torch.Tensor
     q: torch.Tensor
 
-    def row(self, r: int) -> "ImageSide":
-        s = slice(r, r + 1)
-        return ImageSide(self.keys[s], self.pe, self.k[s], self.v[s], self.q[s])
-
 
 def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
     """(B, L, n·d) → (B, n, L, d)."""
@@ -89,19 +85,33 @@ def image_side(tr: TwoWayTransformer, src: torch.Tensor, pos: torch.Tensor,
 
 
 def _image_to_tokens(a, q: torch.Tensor, queries: torch.Tensor, qpe: torch.Tensor) -> torch.Tensor:
-    """Image tokens attend to prompt tokens: q (n, h, HW, d) projected image queries, tokens
-    (n, T, C) → (n, HW, C) in q's dtype. Few keys: one small matrix product and softmax."""
-    k = _heads(a.k_proj(queries + qpe), a.num_heads).to(q.dtype)
+    """Image tokens attend to prompt tokens: q (r, h, HW, d) projected image queries of r rows,
+    tokens (n, T, C) of m = n / r prompts per row → (n, HW, C) in q's dtype. Few keys: one small
+    matrix product (all prompts of a row at once) and a softmax along the long HW axis."""
+    r, h, hw, d = q.shape
+    n, t, _ = queries.shape
+    m = n // r
+    k = _heads(a.k_proj(queries + qpe), a.num_heads).to(q.dtype)  # (n, h, T, d)
     v = _heads(a.v_proj(queries), a.num_heads).to(q.dtype)
-    # Scores as (keys, HW): the softmax then runs along a long contiguous axis (fast), not a short one.
-    p = ((k @ q.transpose(2, 3)) / math.sqrt(q.shape[-1])).softmax(-2)
-    return _lin(a.out_proj, _merge(p.transpose(2, 3) @ v))
+    k = k.reshape(r, m, h, t, d).transpose(1, 2).reshape(r, h, m * t, d)
+    scores = (k @ q.transpose(2, 3)) / math.sqrt(d)  # (r, h, m·T, HW): softmax along HW-contiguous rows
+    p = scores.reshape(r, h, m, t, hw).softmax(3).permute(0, 2, 1, 4, 3)  # (r, m, h, HW, T)
+    out = p @ v.reshape(r, m, h, t, d)  # (r, m, h, HW, d)
+    return _lin(a.out_proj, _merge(out.reshape(n, h, hw, d)))
 
 
 def _tokens_to_image(a, queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Prompt tokens (n, T, C) attend to projected image keys/values (n, h, HW, d) → (n, T, C)."""
-    q = _heads(a.q_proj(queries), a.num_heads).to(k.dtype)
-    return a.out_proj(_merge(F.scaled_dot_product_attention(q, k, v).float()))
+    """Prompt tokens (n, T, C) of m = n / r prompts per row attend to projected image keys and
+    values (r, h, HW, d) → (n, T, C); the prompts of a row run as one query sequence (attention
+    rows are independent)."""
+    r, h, _, d = k.shape
+    n, t, _ = queries.shape
+    m = n // r
+    q = _heads(a.q_proj(queries), a.num_heads).to(k.dtype)  # (n, h, T, d)
+    q = q.reshape(r, m, h, t, d).transpose(1, 2).reshape(r, h, m * t, d)
+    out = F.scaled_dot_product_attention(q, k, v).float()
+    out = out.reshape(r, h, m, t, d).transpose(1, 2).reshape(n, h, t, d)
+    return a.out_proj(_merge(out))
 
 
 def two_way(tr: TwoWayTransformer, side: ImageSide, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,28 +122,13 @@ def two_way(tr: TwoWayTransformer, side: ImageSide, tokens: torch.Tensor) -> tup
     _check(tr)
     r, m, t, c = tokens.shape
     n = r * m
-    block = tr.layers[0]
+    block = tr.layers[0]  # its image side is the row's (side.k, side.v, side.q)
     qpe = tokens.reshape(n, t, c).float()
     queries = block.norm1(block.self_attn(q=qpe, k=qpe, v=qpe))
-
-    a = block.cross_attn_token_to_image  # every prompt's tokens of a row: one query sequence
-    q = _heads(a.q_proj(queries + qpe), a.num_heads)  # (n, h, T, d)
-    h, d = q.shape[1], q.shape[3]
-    q = q.reshape(r, m, h, t, d).transpose(1, 2).reshape(r, h, m * t, d).to(side.k.dtype)
-    out = F.scaled_dot_product_attention(q, side.k, side.v).float()
-    out = out.reshape(r, h, m, t, d).transpose(1, 2).reshape(n, h, t, d)
-    queries = block.norm2(queries + a.out_proj(_merge(out)))
+    queries = block.norm2(queries + _tokens_to_image(block.cross_attn_token_to_image, queries + qpe, side.k, side.v))
     queries = block.norm3(queries + block.mlp(queries))
-
-    a = block.cross_attn_image_to_token  # image tokens attend to each prompt's tokens
-    k = _heads(a.k_proj(queries + qpe), a.num_heads).to(side.q.dtype)  # (n, h, T, d)
-    v = _heads(a.v_proj(queries), a.num_heads).to(side.q.dtype)
-    k = k.reshape(r, m, h, t, d).transpose(1, 2).reshape(r, h, m * t, d)
-    scores = (k @ side.q.transpose(2, 3)) / math.sqrt(d)  # (r, h, m·T, HW): softmax along HW-contiguous rows
-    hw = scores.shape[3]
-    p = scores.reshape(r, h, m, t, hw).softmax(3).permute(0, 2, 1, 4, 3)  # (r, m, h, HW, T)
-    out = p @ v.reshape(r, m, h, t, d)  # (r, m, h, HW, d)
-    attn = _lin(a.out_proj, _merge(out.reshape(n, h, hw, d)))
+    attn = _image_to_tokens(block.cross_attn_image_to_token, side.q, queries, qpe)
+    hw = attn.shape[1]
     keys = _norm(block.norm4, (side.keys[:, None] + attn.reshape(r, m, hw, c)).reshape(n, hw, c))
 
     pe = side.pe
