@@ -2,22 +2,28 @@
 """Train the bundled ``demo`` model from scratch on procedural fluorescence images.
 
 The demo is a small text-conditioned SAM (CLIP-guided adapters in every encoder block) built
-from segment-anything's modules and a small open_clip model with a character tokenizer. It is
-trained on fresh :mod:`napari_clipsam.data.synthetic` images (never the same twice; 10 % are
-z-slices of volumes) for the three concepts, with the synonym lists of that module. Each batch
-row is one (image, text) pair, encoded once and decoded several ways — the ways the product
-decodes:
+from segment-anything's modules — with a convolutional stem in place of SAM's single patch
+convolution (``SamConfig.patch_stem``: a from-scratch ViT tells rods from dots inside a 16-px
+patch much sooner with early convolutions) — and a small open_clip model with a character
+tokenizer. It is trained on fresh :mod:`napari_clipsam.data.synthetic` images (never the same
+twice; 10 % are z-slices of volumes) for the three concepts, with the synonym lists of that
+module. Each batch row is one (image, text) pair, encoded once and decoded several ways — the
+ways the product decodes:
 
 - text only → the union mask of the concept, with a thin gap where objects of the concept
   touch (the semantic map of ``segment_text``); a text naming a concept absent from the image →
   an empty mask;
 - one click (also the instance step of ``segment_text``, which clicks the text's regions), several
-  clicks (sometimes one negative), or a box → one instance (manual mode).
+  clicks (sometimes one negative), a box, or what 3D propagation passes on to the next slice (a
+  perturbed copy of the object as mask prompt + its deepest point + its grown box) → one
+  instance (manual mode). Objects touching another of their concept are prompted more often.
 
-Deterministic given ``--seed`` (same torch build; one worker process makes the data). The
-shipped demo was made with (26 min of training on 2 CPU cores; its metadata records the run)::
+On CPUs with native bf16 matmuls the forward pass runs under bf16 autocast (fp32 weights and
+loss; ~1.2× faster, so more steps fit). Deterministic given ``--seed`` on the same CPU and torch
+build (one worker process makes the data). The shipped demo was made with (its metadata records
+the run and its training time)::
 
-    python scripts/train_demo.py --steps 2200 --seed 0
+    python scripts/train_demo.py --steps 2400 --seed 0
 """
 
 from __future__ import annotations
@@ -36,8 +42,10 @@ from scipy import ndimage
 from napari_clipsam.data.synthetic import CONCEPTS, SYNONYMS, make_image, make_volume
 from napari_clipsam.models.clip_parts import tiny_clip_config
 from napari_clipsam.models.clipsam import ClipSam, ClipSamConfig, Prompts
+from napari_clipsam.models.fast import cpu_has_fast_bf16, cpu_model
 from napari_clipsam.models.sam_parts import SamConfig
 from napari_clipsam.engine.preprocess import normalize_image
+from napari_clipsam.engine.volume import mask_prompts
 from napari_clipsam.training.losses import LossWeights, mask_loss
 
 log = logging.getLogger("train_demo")
@@ -46,6 +54,7 @@ DEMO_SAM = SamConfig(
     encoder_embed_dim=128, encoder_depth=4, encoder_num_heads=4, encoder_global_attn_indexes=(1, 3),
     img_size=256, patch_size=16, window_size=8, prompt_embed_dim=128, mask_in_chans=16,
     decoder_depth=2, decoder_mlp_dim=512, decoder_num_heads=4, iou_head_hidden_dim=128,
+    patch_stem=(16, 32, 64),  # early convolutions: rods vs dots inside a 16-px patch (sam_parts.conv_stem)
 )
 TRAIN_SEEDS = range(0, 100_000)  # held-out evaluation uses seeds >= 1_000_000
 
@@ -135,18 +144,43 @@ def _down(mask: np.ndarray, m: int) -> np.ndarray:
     return mask.reshape(m, f, m, f).mean((1, 3), dtype=np.float32)
 
 
-INSTANCE_KINDS = ("point", "points", "box")
-INSTANCE_P = (0.5, 0.25, 0.25)
+INSTANCE_KINDS = ("point", "points", "box", "propagate")
+INSTANCE_P = (0.45, 0.2, 0.15, 0.2)
+TOUCHING_WEIGHT = 3.0  # an object touching another of its concept is this much likelier to be prompted
+
+
+def _prior(target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``target`` as the neighbouring slice might show it: grown or shrunk by up to 3 px and
+    shifted by up to 3 px (what :func:`~napari_clipsam.engine.volume.propagate` passes as mask prompt)."""
+    r = int(rng.integers(-3, 4))
+    prior = target
+    if r > 0:
+        prior = ndimage.binary_dilation(target, iterations=r)
+    elif r < 0:
+        shrunk = ndimage.binary_erosion(target, iterations=-r)
+        prior = shrunk if shrunk.sum() >= 8 else target
+    dy, dx = (int(v) for v in rng.integers(-3, 4, size=2))
+    out = np.zeros_like(prior)
+    h, w = prior.shape
+    out[max(0, dy): h + min(0, dy), max(0, dx): w + min(0, dx)] = prior[max(0, -dy): h + min(0, -dy), max(0, -dx): w + min(0, -dx)]
+    return out if out.any() else target
 
 
 def instance_task(item: _Item, concept: str, kind: str, npos: int, rng: np.random.Generator, m: int,
                   size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """One instance of ``concept`` and a prompt of ``kind`` for it → (prompt arrays, (m, m) target).
+    """One instance of ``concept`` (objects touching another of the concept ``TOUCHING_WEIGHT``×
+    likelier: telling them apart is the hard part) and a prompt of ``kind`` for it → (prompt
+    arrays, (m, m) target).
 
     ``point``: one click; ``points``: ``npos`` clicks, the last sometimes a negative one just
-    outside; ``box``: its bounding box with jitter.
+    outside; ``box``: its bounding box with jitter; ``propagate``: what 3D propagation gives the
+    next slice — a perturbed copy of the object as mask prompt with its deepest point and its box
+    grown by 10 %.
     """
-    k = item.ids[concept][int(rng.integers(len(item.ids[concept])))]
+    ids = item.ids[concept]
+    touching = np.isin(ids, np.unique(item.labels[item.gaps[concept]]))
+    p = np.where(touching, TOUCHING_WEIGHT, 1.0)
+    k = ids[int(rng.choice(len(ids), p=p / p.sum()))]
     target = item.labels == k
     deep = item.deep[k]
     click = deep[int(rng.integers(len(deep)))]
@@ -163,6 +197,12 @@ def instance_task(item: _Item, concept: str, kind: str, npos: int, rng: np.rando
                 pts[-1] = (xs[i] + 0.5, ys[i] + 0.5)
                 labels[-1] = 0
         return {"points": pts, "labels": labels}, _down(target, m)
+    if kind == "propagate":
+        prior = _prior(target, rng)
+        point, box = mask_prompts(prior)
+        mask = (_down(prior, m) * 2 - 1) * 8.0  # as engine.preprocess.mask_to_prompt
+        return {"points": point + 0.5, "labels": np.ones(1, np.float32), "boxes": box,
+                "masks": mask[None].astype(np.float32)}, _down(target, m)
     ys, xs = np.nonzero(target)
     box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
     box += rng.normal(0, 0.05 * max(box[2] - box[0], box[3] - box[1]), 4).astype(np.float32)
@@ -172,7 +212,7 @@ def instance_task(item: _Item, concept: str, kind: str, npos: int, rng: np.rando
 # From scratch, thin and small objects need recall: unbalanced focal + dice rather than SAM's 20:1.
 LOSS = LossWeights(focal=5.0, dice=1.0, focal_alpha=None)
 P_ABSENT_TEXT = 0.35  # a row's text names a concept absent from its image (target: empty)
-INSTANCES_PER_ROW = 3  # instance prompts decoded per encoded (image, text) row
+INSTANCES_PER_ROW = 4  # instance prompts decoded per encoded (image, text) row
 TEXT_WEIGHT, INSTANCE_WEIGHT = 1.5, 0.5  # loss weight of a text-only mask and of an instance mask
 
 
@@ -228,7 +268,7 @@ class _Batches(torch.utils.data.IterableDataset):
 
 
 def train(steps: int, batch: int, seed: int, lr: float, out: Path | None, log_every: int = 50,
-          init: Path | None = None) -> ClipSam:
+          init: Path | None = None, bf16: bool = False) -> ClipSam:
     torch.manual_seed(seed)
     model = ClipSam(demo_config()) if init is None else ClipSam.load(init)
     stages = list(model.file_metadata.get("stages", [])) if init is not None else []
@@ -247,8 +287,9 @@ def train(steps: int, batch: int, seed: int, lr: float, out: Path | None, log_ev
     t0 = time.time()
     for step in range(steps):
         images, texts, prompts, targets, weights = next(batches)
-        logits, iou = model(images, texts, prompts)
-        loss, parts = mask_loss(logits, targets, iou, LOSS, sample_weights=weights)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # fp32 weights, bf16 matmuls
+            logits, iou = model(images, texts, prompts)
+        loss, parts = mask_loss(logits.float(), targets, iou.float(), LOSS, sample_weights=weights)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -263,9 +304,10 @@ def train(steps: int, batch: int, seed: int, lr: float, out: Path | None, log_ev
     model.semantics.clear_cache()
     train_s = time.time() - t0
     if out is not None:
-        stages.append({"seed": seed, "steps": steps, "batch": batch, "lr": lr,
+        stages.append({"seed": seed, "steps": steps, "batch": batch, "lr": lr, "autocast": "bfloat16" if bf16 else "none",
                        "train_seconds": round(train_s, 1), "init": "previous stage" if init is not None else "random"})
         meta = {"name": "demo", "trained_by": "scripts/train_demo.py", "seed": seed, "steps": steps, "batch": batch, "lr": lr,
+                "autocast": "bfloat16" if bf16 else "none", "cpu": cpu_model(),
                 "instances_per_row": INSTANCES_PER_ROW, "instance_prompts": dict(zip(INSTANCE_KINDS, INSTANCE_P)),
                 "touch_gap_px": TOUCH_GAP, "p_absent_text": P_ABSENT_TEXT, "train_seconds": round(sum(st["train_seconds"] for st in stages), 1),
                 "stages": stages, "concepts": list(CONCEPTS),
@@ -285,6 +327,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1, help="training threads (a second process makes the data)")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 autocast (default: on where the CPU has native bf16 matmuls)")
     ap.add_argument("--init", type=Path, default=None,
                     help="continue from a model written by an earlier stage (new seed, new schedule)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "src/napari_clipsam/weights/demo.safetensors")
@@ -292,7 +336,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormals from near-black images slow the CPU backward down
-    train(args.steps, args.batch, args.seed, args.lr, args.out, init=args.init)
+    bf16 = cpu_has_fast_bf16() if args.bf16 is None else args.bf16
+    train(args.steps, args.batch, args.seed, args.lr, args.out, init=args.init, bf16=bf16)
 
 
 if __name__ == "__main__":

@@ -243,6 +243,32 @@ def test_save_load_roundtrip_and_corrupt(tmp_path):
         ClipSam.load(tmp_path / "missing.safetensors")
 
 
+def test_conv_stem_keeps_the_grid_and_survives_save_load(tmp_path):
+    import dataclasses
+
+    from napari_clipsam.models.sam_parts import conv_stem
+
+    base = tiny_config("adapter")
+    cfg = dataclasses.replace(base, sam=dataclasses.replace(base.sam, patch_stem=(8, 16)))
+    m = ClipSam(cfg).eval()
+    proj = m.sam.image_encoder.patch_embed.proj
+    assert isinstance(proj, torch.nn.Sequential) and len(proj) == 7  # 2 × (conv, norm, GELU) + conv
+    img = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        enc = m.encode(img, ["nucleus", "vesicle"])
+        stock = ClipSam(base).eval().encode(img, ["nucleus", "vesicle"])
+    assert enc.embeddings.shape == stock.embeddings.shape  # same token grid as SAM's patch conv
+    m2 = ClipSam.load(m.save(tmp_path / "stem.safetensors"))
+    assert m2.config.sam.patch_stem == (8, 16)
+    with torch.no_grad():
+        assert torch.equal(m2.encode(img, ["nucleus", "vesicle"]).embeddings, enc.embeddings)
+    # an official-format model (no stem) has SAM's single convolution
+    assert isinstance(ClipSam(base).sam.image_encoder.patch_embed.proj, torch.nn.Conv2d)
+    for bad in ((), (8, 8, 8, 8, 8), (8, 8, 8)):  # patch 8: at most 3 stride-2 layers, at least 1
+        with pytest.raises(ValueError, match="patch_stem"):
+            conv_stem(bad, 32, 8 if len(bad) != 3 else 12)
+
+
 def test_text_features_match_open_clip_encode_text():
     """Our single truncated pass (templates averaged, empty text subtracted) equals open_clip's
     full-length ``encode_text`` computation."""

@@ -517,7 +517,7 @@ class Segmenter:
         - ``"regions"``: one prompt per region (large or necked regions split, see
           :func:`pseudo_prompts`): its best point with the connected area around it as mask
           prompt. One decode per region — faster, but touching objects may merge; needs a
-          decoder trained with mask prompts (SAM's pretrained one; not the demo's).
+          decoder trained with mask prompts (SAM's pretrained one, the demo's).
 
         Each mask is confined to its connected area grown by ``region_margin`` × its equivalent
         diameter (at least two low-resolution cells); masks under ``min_area`` pixels or

@@ -17,6 +17,8 @@ from segment_anything.modeling import (
     Sam,
     TwoWayTransformer,
 )
+from segment_anything.modeling.common import LayerNorm2d
+from torch import nn
 
 
 @dataclass
@@ -38,6 +40,9 @@ class SamConfig:
     iou_head_hidden_dim: int = 256
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    #: Channels of a convolutional stem in place of SAM's single ``patch_size`` convolution
+    #: (see :func:`conv_stem`); empty — SAM's own, as in every official checkpoint.
+    patch_stem: tuple[int, ...] = ()
 
     @property
     def embed_size(self) -> int:
@@ -53,6 +58,7 @@ class SamConfig:
         d["encoder_global_attn_indexes"] = tuple(d.get("encoder_global_attn_indexes", ()))
         d["pixel_mean"] = tuple(d.get("pixel_mean", cls.pixel_mean))
         d["pixel_std"] = tuple(d.get("pixel_std", cls.pixel_std))
+        d["patch_stem"] = tuple(d.get("patch_stem", ()))
         return cls(**d)
 
 
@@ -87,6 +93,23 @@ SAM_CONFIGS: dict[str, SamConfig] = {
         iou_head_hidden_dim=32,
     ),
 }
+
+
+def conv_stem(channels: tuple[int, ...], embed_dim: int, patch_size: int) -> nn.Sequential:
+    """A convolutional patch embedding: one stride-2 3×3 convolution (+ LayerNorm2d + GELU) per
+    entry of ``channels``, then a convolution of the remaining stride to ``embed_dim`` — same
+    output grid as SAM's ``patch_size`` convolution. Early convolutions make a small ViT trained
+    from scratch learn shapes inside a patch faster (Xiao et al. 2021, "Early convolutions help
+    transformers see better"); the demo model uses one."""
+    stride = patch_size // 2 ** len(channels)
+    if not channels or stride < 1 or stride * 2 ** len(channels) != patch_size:
+        raise ValueError(f"patch_stem {channels}: need 1..log2(patch_size) layers with patch_size "
+                         f"{patch_size} a multiple of 2**layers")
+    layers: list[nn.Module] = []
+    for cin, cout in zip((3, *channels[:-1]), channels):
+        layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), LayerNorm2d(cout), nn.GELU()]
+    layers.append(nn.Conv2d(channels[-1], embed_dim, stride, stride=stride))
+    return nn.Sequential(*layers)
 
 
 def build_sam(config: SamConfig | str) -> Sam:
@@ -137,6 +160,8 @@ def build_sam(config: SamConfig | str) -> Sam:
         pixel_mean=list(c.pixel_mean),
         pixel_std=list(c.pixel_std),
     )
+    if c.patch_stem:
+        sam.image_encoder.patch_embed.proj = conv_stem(c.patch_stem, c.encoder_embed_dim, c.patch_size)
     sam.eval()
     return sam
 
@@ -148,4 +173,4 @@ def sam_config_of(name_or_config: SamConfig | str) -> SamConfig:
     return SAM_CONFIGS[name_or_config]
 
 
-__all__ = ["SamConfig", "SAM_CONFIGS", "build_sam", "sam_config_of"]
+__all__ = ["SamConfig", "SAM_CONFIGS", "build_sam", "conv_stem", "sam_config_of"]
