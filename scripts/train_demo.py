@@ -44,7 +44,7 @@ from napari_clipsam.models.clip_parts import tiny_clip_config
 from napari_clipsam.models.clipsam import ClipSam, ClipSamConfig, Prompts
 from napari_clipsam.models.fast import cpu_has_fast_bf16, cpu_model
 from napari_clipsam.models.sam_parts import SamConfig
-from napari_clipsam.engine.preprocess import normalize_image
+from napari_clipsam.engine.preprocess import fraction_to_logits, normalize_image
 from napari_clipsam.engine.volume import mask_prompts
 from napari_clipsam.training.losses import LossWeights, mask_loss
 
@@ -75,7 +75,8 @@ class _Item:
     objects within ``TOUCH_GAP`` px of another object of the same concept (left out of the
     text-only target, so touching objects stay apart in the semantic map); ``deep``: instance id →
     (n, 2) (x, y) pixel centres at least 0.3× as deep as its deepest (where clicks land: users,
-    and ``segment_text``'s grid of seeds, do not always click the centre).
+    and ``segment_text``'s grid of seeds, do not always click the centre); ``touching``: concept →
+    for each of its ids, whether the object touches another of the concept (has gap pixels).
     """
 
     image: np.ndarray
@@ -83,6 +84,7 @@ class _Item:
     ids: dict[str, list[int]]
     gaps: dict[str, np.ndarray]
     deep: dict[int, np.ndarray]
+    touching: dict[str, np.ndarray]
 
     @property
     def present(self) -> list[str]:
@@ -114,7 +116,8 @@ def _item(image: np.ndarray, labels: np.ndarray, classes: dict[int, str]) -> _It
         dist = ndimage.distance_transform_edt(np.pad(labels[sl] == i, 1))[1:-1, 1:-1]
         ys, xs = np.nonzero(dist >= max(1.0, 0.3 * dist.max()))
         deep[i] = np.stack([xs + sl[1].start, ys + sl[0].start], 1).astype(np.float32) + 0.5
-    return _Item(normalize_image(image)[..., 0].astype(np.float16), labels, ids, gaps, deep)
+    touching = {c: np.isin(ids[c], np.unique(labels[g])) for c, g in gaps.items()}
+    return _Item(normalize_image(image)[..., 0].astype(np.float16), labels, ids, gaps, deep, touching)
 
 
 def _fresh_item(rng: np.random.Generator, volume_fraction: float = 0.1) -> _Item:
@@ -159,10 +162,7 @@ def _prior(target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     elif r < 0:
         shrunk = ndimage.binary_erosion(target, iterations=-r)
         prior = shrunk if shrunk.sum() >= 8 else target
-    dy, dx = (int(v) for v in rng.integers(-3, 4, size=2))
-    out = np.zeros_like(prior)
-    h, w = prior.shape
-    out[max(0, dy): h + min(0, dy), max(0, dx): w + min(0, dx)] = prior[max(0, -dy): h + min(0, -dy), max(0, -dx): w + min(0, -dx)]
+    out = ndimage.shift(prior, rng.integers(-3, 4, size=2), order=0, cval=False)  # (dy, dx), zero fill
     return out if out.any() else target
 
 
@@ -178,8 +178,7 @@ def instance_task(item: _Item, concept: str, kind: str, npos: int, rng: np.rando
     grown by 10 %.
     """
     ids = item.ids[concept]
-    touching = np.isin(ids, np.unique(item.labels[item.gaps[concept]]))
-    p = np.where(touching, TOUCHING_WEIGHT, 1.0)
+    p = np.where(item.touching[concept], TOUCHING_WEIGHT, 1.0)
     k = ids[int(rng.choice(len(ids), p=p / p.sum()))]
     target = item.labels == k
     deep = item.deep[k]
@@ -200,9 +199,8 @@ def instance_task(item: _Item, concept: str, kind: str, npos: int, rng: np.rando
     if kind == "propagate":
         prior = _prior(target, rng)
         point, box = mask_prompts(prior)
-        mask = (_down(prior, m) * 2 - 1) * 8.0  # as engine.preprocess.mask_to_prompt
         return {"points": point + 0.5, "labels": np.ones(1, np.float32), "boxes": box,
-                "masks": mask[None].astype(np.float32)}, _down(target, m)
+                "masks": fraction_to_logits(_down(prior, m))[None]}, _down(target, m)
     ys, xs = np.nonzero(target)
     box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
     box += rng.normal(0, 0.05 * max(box[2] - box[0], box[3] - box[1]), 4).astype(np.float32)
@@ -304,10 +302,11 @@ def train(steps: int, batch: int, seed: int, lr: float, out: Path | None, log_ev
     model.semantics.clear_cache()
     train_s = time.time() - t0
     if out is not None:
-        stages.append({"seed": seed, "steps": steps, "batch": batch, "lr": lr, "autocast": "bfloat16" if bf16 else "none",
+        autocast = "bfloat16" if bf16 else "none"
+        stages.append({"seed": seed, "steps": steps, "batch": batch, "lr": lr, "autocast": autocast,
                        "train_seconds": round(train_s, 1), "init": "previous stage" if init is not None else "random"})
         meta = {"name": "demo", "trained_by": "scripts/train_demo.py", "seed": seed, "steps": steps, "batch": batch, "lr": lr,
-                "autocast": "bfloat16" if bf16 else "none", "cpu": cpu_model(),
+                "autocast": autocast, "cpu": cpu_model(),
                 "instances_per_row": INSTANCES_PER_ROW, "instance_prompts": dict(zip(INSTANCE_KINDS, INSTANCE_P)),
                 "touch_gap_px": TOUCH_GAP, "p_absent_text": P_ABSENT_TEXT, "train_seconds": round(sum(st["train_seconds"] for st in stages), 1),
                 "stages": stages, "concepts": list(CONCEPTS),

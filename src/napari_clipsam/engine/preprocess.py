@@ -155,11 +155,21 @@ def postprocess_logits(low_res: torch.Tensor, frame: Frame) -> torch.Tensor:
     return x
 
 
-def mask_to_prompt(mask: np.ndarray, frame: Frame, mask_size: int, strength: float = 8.0) -> torch.Tensor:
+#: Logit magnitude of a mask prompt: a cell fully inside gets +8, fully outside -8.
+MASK_PROMPT_STRENGTH = 8.0
+
+
+def fraction_to_logits(fraction, strength: float = MASK_PROMPT_STRENGTH):
+    """Mask-prompt logits of cells covering ``fraction`` (array or tensor in [0, 1]) of an object:
+    ``(2·fraction − 1) × strength``. The one encoding of mask prompts (engine and training)."""
+    return (fraction * 2 - 1) * strength
+
+
+def mask_to_prompt(mask: np.ndarray, frame: Frame, mask_size: int, strength: float = MASK_PROMPT_STRENGTH) -> torch.Tensor:
     """A boolean (H, W) image mask → (1, 1, m, m) mask-prompt logits in the model frame."""
     m = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]
     m = F.interpolate(m, size=frame.resized, mode="bilinear", align_corners=False)
     full = torch.zeros(1, 1, frame.size, frame.size)
     full[..., : frame.resized[0], : frame.resized[1]] = m
     low = F.interpolate(full, size=(mask_size, mask_size), mode="bilinear", align_corners=False)
-    return (low * 2 - 1) * strength
+    return fraction_to_logits(low, strength)

@@ -34,7 +34,8 @@ from ..models.conditioning import grid_seeds, pseudo_prompts
 from ..models.fast import enable_fast_path, fast_inference
 from .cache import EmbeddingCache, PartFingerprints, digest
 from .instances import MIN_SUPPORT, TEXT_THRESHOLD, Instances, check_fraction, check_seeds, consensus_nms, mask_nms, paint_labels
-from .preprocess import Frame, frame_for, mask_to_prompt, normalize_image, postprocess_logits, to_model_input
+from .preprocess import (Frame, frame_for, fraction_to_logits, mask_to_prompt, normalize_image, postprocess_logits,
+                         to_model_input)
 from .tiling import Tile, covering, make_tiles, paste_cores, route, stitch
 
 log = logging.getLogger(__name__)
@@ -589,7 +590,7 @@ class Segmenter:
             n = len(pp)
             region = torch.from_numpy(pp.areas[:, None].astype(np.float32))
             prompts = Prompts(torch.zeros(n), points=torch.from_numpy(pp.points * r - 0.5)[:, None],
-                              labels=torch.ones(n, 1), masks=(region * 2 - 1) * 8.0)
+                              labels=torch.ones(n, 1), masks=fraction_to_logits(region))
             near = torch.from_numpy(_grow(pp.areas, region_margin))[:, None]
         low_masks, iou = [], []
         emb = enc.embeddings
