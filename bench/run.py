@@ -27,8 +27,9 @@ Rows (see the issue "Fast path and benchmark suite"):
    semantic maps, so the text's semantic map is replaced by the image's ground-truth nucleus mask
    (what a trained model would give): the pipeline (thresholds, region splitting, one batched
    decode, NMS, painting) then decodes ~100 objects. AMG's time is shown with and without its
-   own embedding (``generate`` always embeds). micro-sam is not installed here (its automatic
-   segmentation also needs a weights download): not run.
+   own embedding (``generate`` always embeds), and micro-sam's ``AutomaticMaskGenerator`` on the
+   same weights (saved as an official checkpoint) and image, given its own embedding
+   (``--micro-sam-python``; see bench/microsam_amg.py).
 5. two-stage text pipeline peer, same image and same regions: CLIP similarity map → boxes →
    stock ``set_image`` + ``predict`` per box, vs ours: ``set_image`` + ``segment_text``.
 6. fine-tuning step time and peak RSS (each variant in its own subprocess): LoRA (last half of the
@@ -422,8 +423,37 @@ def row_text_instances(models: Models, image01: np.ndarray, mask: np.ndarray, qu
     rows.append({"row": 4, "case": "stock AMG without its embedding (generate − set_image)", "size": "1024²",
                  "s": {"min": post, "median": post, "n": 1},
                  "ours_speedup": {k: post / res[f"text_instances_{k}_s"] for k in ("grid", "regions")}})
-    rows.append({"row": 4, "case": "micro-sam automatic segmentation", "size": "1024²", "s": None,
-                 "note": "not run: micro-sam is not installed here (conda-forge deps) and needs a weights download"})
+    row_microsam(models, rgb, side, res)
+
+
+def row_microsam(models: Models, rgb: np.ndarray, side: int, res: dict) -> None:
+    """micro-sam's ``AutomaticMaskGenerator`` on the same image and the same SAM weights (saved
+    as an official checkpoint), in the Python given by ``--micro-sam-python`` (micro-sam pins its
+    own segment-anything fork, so it gets an environment of its own; see bench/microsam_amg.py)."""
+    import tempfile
+
+    python = res.get("micro_sam_python")
+    case = f"micro-sam AutomaticMaskGenerator ({side}×{side} points) without its embedding"
+    if not python:
+        res["rows"].append({"row": 4, "case": case, "size": "1024²", "s": None,
+                            "note": "not run: pass --micro-sam-python (a Python with micro-sam installed)"})
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, img = Path(tmp) / "sam_vit_b_random.pth", Path(tmp) / "image.npy"
+        torch.save(models.stock_sam.state_dict(), ckpt)
+        np.save(img, rgb if rgb.ndim == 3 else np.repeat(rgb[..., None], 3, axis=-1))
+        proc = subprocess.run([python, str(HERE / "microsam_amg.py"), str(ckpt), str(img), str(side),
+                               str(torch.get_num_threads())], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:200]
+        res["rows"].append({"row": 4, "case": case, "size": "1024²", "s": None, "note": f"failed: {tail}"})
+        return
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    t = out["amg_s"]
+    res["rows"].append({"row": 4, "case": case, "size": "1024²", "s": {"min": t, "median": t, "n": 1},
+                        "ours_speedup": {k: t / res[f"text_instances_{k}_s"] for k in ("grid", "regions")},
+                        "note": f"micro-sam {out['micro_sam']}, its embedding {out['embedding_s']:.1f} s, "
+                                f"{out['objects']} objects (random weights)"})
 
 
 def row_two_stage(models: Models, image01: np.ndarray, mask: np.ndarray, quick: bool, res: dict) -> None:
@@ -656,6 +686,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default="1,2,3,4,5,6,7", help="comma-separated row numbers")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "results.json"))
+    ap.add_argument("--micro-sam-python", default=os.environ.get("MICRO_SAM_PYTHON"),
+                    help="a Python with micro-sam installed, for row 4 (default: $MICRO_SAM_PYTHON; else not run)")
     ap.add_argument("--train-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.train_child:
@@ -663,7 +695,8 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     rows = {int(r) for r in args.rows.split(",") if r.strip()}
-    res = {"machine": machine_info(args.threads), "quick": args.quick, "load_before": os.getloadavg(), "rows": []}
+    res = {"machine": machine_info(args.threads), "quick": args.quick, "load_before": os.getloadavg(), "rows": [],
+           "micro_sam_python": args.micro_sam_python}
     t_all = time.perf_counter()
     from napari_clipsam.engine.preprocess import normalize_image
 
