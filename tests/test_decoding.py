@@ -28,7 +28,10 @@ def test_two_way_and_mask_head_equal_segment_anything(decoder):
     emb, pos, tokens = torch.randn(2, c, 4, 4), torch.randn(1, c, 4, 4), torch.randn(2, 3, 5, c)
     hyper = torch.randn(6, 3, c // 8)
     with torch.no_grad():
-        hs, src = two_way(tr, image_side(tr, emb, pos), tokens)  # 3 prompts on each of 2 rows
+        side = image_side(tr, emb, pos)
+        # token-major rows, as every click adds to and normalises them (strided: a copy per op)
+        assert side.keys.is_contiguous() and side.pe.is_contiguous()
+        hs, src = two_way(tr, side, tokens)  # 3 prompts on each of 2 rows
         masks = upscale_masks(decoder.output_upscaling, src, hyper, 4, 4)
         for i in range(6):
             r, j = divmod(i, 3)

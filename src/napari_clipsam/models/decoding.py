@@ -30,7 +30,7 @@ class ImageSide:
     """The prompt-independent part of the first two-way block for R image rows.
 
     keys: (R, HW, C) image tokens (embedding + dense prompt); pe: (1, HW, C) positional
-    encoding; k, v: (R, heads, HW, d) token→image keys and values; q: (R, heads, HW, d)
+    encoding (both contiguous); k, v: (R, heads, HW, d) token→image keys and values; q: (R, heads, HW, d)
     image→token queries.
     """
 
@@ -76,8 +76,10 @@ def image_side(tr: TwoWayTransformer, src: torch.Tensor, pos: torch.Tensor,
     (1, C, h, w) positional encoding ``pos``, in ``dtype`` (the image side's compute dtype)."""
     _check(tr)
     block = tr.layers[0]
-    keys = src.flatten(2).transpose(1, 2).to(dtype)
-    pe = pos.flatten(2).transpose(1, 2).to(dtype)
+    # Contiguous (HW, C) rows: every click adds to and normalises these, and strided operands
+    # cost a copy per op (~20 % of a vit_b click) instead of one here.
+    keys = src.flatten(2).transpose(1, 2).to(dtype).contiguous()
+    pe = pos.flatten(2).transpose(1, 2).to(dtype).contiguous()
     with_pe = keys + pe
     t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token
     return ImageSide(keys, pe, _heads(_lin(t2i.k_proj, with_pe), t2i.num_heads),
