@@ -10,7 +10,8 @@ from napari_clipsam.models.clip_parts import tiny_clip_config
 from napari_clipsam.models.clipsam import ClipSam, ClipSamConfig
 from napari_clipsam.models.sam_parts import SamConfig
 from napari_clipsam.training import FineTuneConfig, LossWeights, evaluate, examples_from_arrays, finetune
-from napari_clipsam.training.finetune import cache_point
+from napari_clipsam.models.fast import cpu_has_fast_bf16
+from napari_clipsam.training.finetune import cache_point, train_autocast_dtype
 
 # A small SAM with an 8×8 embedding grid (32×32 masks) on 64 px images: vesicles of 5–7 px need it.
 SAM8 = SamConfig(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
@@ -158,3 +159,17 @@ def test_single_image_holds_out_a_crop_and_early_stops():
     res = finetune(m, _data([0]), _cfg(steps=40, mode="text", lr=1e-6, val_every=1, patience=2, min_delta=0.5))
     assert res.split["kind"] == "crop" and res.steps == 2 and res.best_step == 0
     assert hasattr(m, "clipsam_adapter") and m.clipsam_adapter["texts"] == ["nucleus", "vesicle"]
+
+
+def test_autocast_choice_and_bf16_steps_track_fp32(monkeypatch):
+    m = _model()
+    assert train_autocast_dtype(m, False) is None and train_autocast_dtype(m, True) is torch.bfloat16
+    assert train_autocast_dtype(m) is (torch.bfloat16 if cpu_has_fast_bf16() else None)  # default: native bf16 only
+    monkeypatch.setenv("NAPARI_CLIPSAM_FAST", "0")  # the fast-path switch turns it off too
+    assert train_autocast_dtype(m) is None
+    monkeypatch.delenv("NAPARI_CLIPSAM_FAST")
+    runs = {ac: finetune(_model("ssp"), _data(range(2)), _cfg(steps=4, mode="both", autocast=ac, val_every=2))
+            for ac in (False, True)}
+    assert runs[False].autocast is None and runs[True].autocast == "bfloat16"
+    assert runs[False].losses != runs[True].losses  # the bf16 run did run in bf16
+    np.testing.assert_allclose(runs[True].losses, runs[False].losses, rtol=5e-3)  # same training, bf16 rounding

@@ -36,6 +36,7 @@ import torch
 
 from ..engine.preprocess import Frame, normalize_image, postprocess_logits, to_model_input
 from ..models.clipsam import ClipSam, ImageFeatures, Prompts
+from ..models.fast import autocast_dtype_for, fast_path_allowed
 from .examples import TrainingExample, validate_examples
 from .lora import (LoraSettings, attach_lora, detach_lora, has_lora, lora_blocks_of, lora_state, set_trainable,
                    trainable_report)
@@ -65,6 +66,10 @@ class FineTuneConfig:
     larger than this (default: the model's input size, i.e. native resolution); cache_prefix:
     cache frozen computations per view. loss: focal:dice 2:1 without α-balancing by default —
     SAM's 20:1 with α = 0.25 (``LossWeights()``) drove our few-step runs to empty masks.
+    autocast: forward passes (training and validation) under bf16 autocast, with fp32 weights,
+    optimizer and loss — ``None`` (default): where the device computes bf16 natively (CPUs with
+    avx512_bf16/amx_bf16, CUDA with bf16) and the fast path is not switched off
+    (``NAPARI_CLIPSAM_FAST=0``); ``True``: always; ``False``: fp32.
     """
 
     mode: str = "both"
@@ -93,6 +98,7 @@ class FineTuneConfig:
     gamma_jitter: float = 0.25
     crop_size: int | None = None
     cache_prefix: bool = True
+    autocast: bool | None = None
     prompts: PromptSettings = field(default_factory=PromptSettings)
     loss: LossWeights = field(default_factory=lambda: LossWeights(focal=2.0, dice=1.0, focal_alpha=None))
 
@@ -157,6 +163,7 @@ class FineTuneResult:
     config: FineTuneConfig
     texts: list[str]
     seconds_prepare: float = 0.0
+    autocast: str | None = None  # dtype the forward passes were autocast to ("bfloat16"), or None (fp32)
 
     @property
     def start_val_iou(self) -> float:
@@ -171,7 +178,7 @@ class FineTuneResult:
         return {"cancelled": self.cancelled, "steps": self.steps, "best_step": self.best_step,
                 "start_metrics": self.start_metrics, "best_metrics": self.best_metrics,
                 "seconds": round(self.seconds, 2), "trainable": self.trainable, "split": self.split,
-                "texts": self.texts, "history": self.history[-50:]}
+                "texts": self.texts, "autocast": self.autocast, "history": self.history[-50:]}
 
 
 class FineTuneCancelled(Exception):
@@ -525,6 +532,19 @@ def _lr_lambda(steps: int, warmup: float) -> Callable[[int], float]:
     return f
 
 
+def train_autocast_dtype(model: ClipSam, autocast: bool | None = None) -> torch.dtype | None:
+    """The dtype fine-tuning autocasts its forward passes to (see ``FineTuneConfig.autocast``):
+    bf16 or None (fp32). fp16 is never used: it would need loss scaling."""
+    if autocast is False:
+        return None
+    if autocast is True:
+        return torch.bfloat16
+    if not fast_path_allowed():
+        return None
+    dtype, _ = autocast_dtype_for(model.device)
+    return dtype if dtype == torch.bfloat16 else None
+
+
 # ---------------------------------------------------------------------------------------------- main
 def finetune(model: ClipSam, examples: Sequence[TrainingExample], config: FineTuneConfig | None = None,
              callback: Callable[[Progress], bool | None] | None = None,
@@ -557,6 +577,8 @@ def finetune(model: ClipSam, examples: Sequence[TrainingExample], config: FineTu
         except BaseException:
             snap.restore(model)
             raise
+        finally:  # text features memoised in training's precision (autocast): inference recomputes them in its own
+            model.semantics.clear_cache()
 
 
 def _run(model, examples, config, callback, cancel, snap, t_start, base_fp) -> FineTuneResult:
@@ -594,9 +616,15 @@ def _run(model, examples, config, callback, cancel, snap, t_start, base_fp) -> F
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.steps, config.warmup))
     val_every = config.val_every or max(1, config.steps // 10)
+    dtype = train_autocast_dtype(model, config.autocast)
+    log.info("fine-tuning forward passes in %s", "fp32" if dtype is None else f"{dtype} autocast")
+
+    def autocast():
+        return torch.autocast(model.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
     def validate() -> dict:
-        return evaluate_views(model, val_views, config.mode, k, config.cache_prefix, config.val_max_instances)
+        with autocast():
+            return evaluate_views(model, val_views, config.mode, k, config.cache_prefix, config.val_max_instances)
 
     start = validate()
     best = dict(start)
@@ -611,7 +639,8 @@ def _run(model, examples, config, callback, cancel, snap, t_start, base_fp) -> F
                     elapsed_s=t0 - t_start))
     for step in range(1, config.steps + 1):
         pick = rng.choice(len(train_views), size=config.batch_size, p=weights)
-        loss, parts = _train_step(model, [train_views[i] for i in pick], config, k, rng)
+        with autocast():
+            loss, parts = _train_step(model, [train_views[i] for i in pick], config, k, rng)
         if loss is not None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -659,7 +688,7 @@ def _run(model, examples, config, callback, cancel, snap, t_start, base_fp) -> F
     seconds = time.perf_counter() - t_start
     texts = sorted({ex.text for ex in examples})
     result = FineTuneResult(False, step, best_step, start, best, history, losses, seconds, trainable, split, config,
-                            texts, seconds_prepare=t_prep)
+                            texts, seconds_prepare=t_prep, autocast=None if dtype is None else str(dtype).replace("torch.", ""))
     prev = getattr(model, ADAPTER_ATTR, None) or {}
     if not snap.has_attr:  # first adapter on this base: remember the base weights for remove_adapter
         setattr(model, BASE_ATTR, {n: t for n, t in snap.tensors.items() if not ".lora_" in n})
