@@ -19,7 +19,9 @@ import torch
 from napari_clipsam import cli
 from napari_clipsam.data.synthetic import make_image, make_volume
 from napari_clipsam.evaluation import instance_f1, interior_point, mask_iou
+from napari_clipsam.models.fast import cpu_has_fast_bf16
 from napari_clipsam.models.registry import model_status
+from napari_clipsam.training import read_adapter
 from test_cli_models import _cli_argv  # the installed console script, else python -m
 
 HELD_OUT = 4_000_000  # the demo was trained on seeds < 100_000
@@ -250,6 +252,12 @@ def test_finetune_writes_an_adapter_that_segment_accepts(tmp_path, tiny_model, c
                   "--steps", "3", "--model", tiny_model, "-o", adapter)
     assert res.returncode == 0, res.stderr
     assert "validation" in res.stdout and "val_iou" in res.stdout and adapter.is_file()
+    native = "bfloat16" if cpu_has_fast_bf16() else None  # default precision: bf16 where the CPU has it
+    assert read_adapter(adapter)[0]["training"]["summary"]["autocast"] == native
+    fp32 = tmp_path / "fp32.safetensors"
+    assert cli.main(["finetune", "--images", str(args[0]), "--labels", str(args[1]), "--text", "nucleus",
+                     "--steps", "2", "--model", str(tiny_model), "-o", str(fp32), "--fp32", "-q"]) == 0
+    assert read_adapter(fp32)[0]["training"]["summary"]["autocast"] is None
     out = tmp_path / "seg.tif"
     assert cli.main(["segment", str(args[0]), "--text", "nucleus", "--model", str(tiny_model), "--adapter",
                      str(adapter), "-o", str(out), "-q"]) == 0

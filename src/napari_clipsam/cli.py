@@ -604,6 +604,8 @@ def add_finetune_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--patience", type=int, default=5,
                    help="stop after this many validations without improvement (0: never; default 5)")
+    p.add_argument("--fp32", action="store_true",
+                   help="fp32 forward passes (default: bf16 autocast where the CPU or GPU computes bf16 natively)")
     add_model_arguments(p, adapter=False)
     p.add_argument("--overwrite", action="store_true", help="replace an existing adapter file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -643,7 +645,8 @@ def _finetune(args: argparse.Namespace) -> int:
 
     model.to(resolve_device(args.device))
     config = FineTuneConfig(mode=args.mode, steps=args.steps, lr=args.lr, lora_rank=args.lora_rank,
-                            batch_size=args.batch_size, seed=args.seed, patience=args.patience)
+                            batch_size=args.batch_size, seed=args.seed, patience=args.patience,
+                            autocast=False if args.fp32 else None)
     if not args.quiet:
         print(f"fine-tuning {args.model} on {len(examples)} example(s) of {text!r} from {len(images)} image(s), "
               f"mode {args.mode}, {args.steps} steps")
