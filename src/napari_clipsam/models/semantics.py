@@ -72,7 +72,10 @@ class ClipSemantics(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.clip.requires_grad_(False)
-        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # Memos keyed by the precision they were computed in (autocast dtype or None): features
+        # computed under bf16 autocast are not served to an fp32 caller, nor the reverse.
+        self._text_cache: dict[tuple[torch.dtype | None, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._empty: dict[torch.dtype | None, torch.Tensor] = {}
 
     @property
     def trainable(self) -> bool:
@@ -80,10 +83,15 @@ class ClipSemantics(nn.Module):
 
     def clear_cache(self) -> None:
         self._text_cache.clear()
-        self._empty = None
+        self._empty.clear()
 
     def _device(self) -> torch.device:
         return self.mean.device
+
+    def _precision(self) -> torch.dtype | None:
+        """The dtype autocast computes in on this module's device now (None: autocast off)."""
+        dev = self._device().type
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
     # ---- text ---------------------------------------------------------------------------------
     def _text_tower(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -114,11 +122,12 @@ class ClipSemantics(nn.Module):
 
     def _empty_embedding(self) -> torch.Tensor:
         """Mean embedding (D,) of the templates filled with nothing (CLIP Surgery's redundancy)."""
-        cached = None if (self.trainable or self.training) else getattr(self, "_empty", None)
+        key = self._precision()
+        cached = None if (self.trainable or self.training) else self._empty.get(key)
         if cached is None:
             cached = self._text_tower([t.format("").strip() for t in self.templates])[2].mean(0)
             if not (self.trainable or self.training):
-                self._empty = cached
+                self._empty[key] = cached
         return cached
 
     def _compute_texts(self, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -137,7 +146,7 @@ class ClipSemantics(nn.Module):
         return [(emb[i], tokens[i], mask[i]) for i in range(n)]
 
     def text_features(self, texts: Sequence[str]) -> TextFeatures:
-        """Features of ``texts`` (cached per string while CLIP is frozen and in eval mode)."""
+        """Features of ``texts`` (cached per string and precision while CLIP is frozen and in eval mode)."""
         if isinstance(texts, str):
             raise TypeError("text_features expects a list of strings, not a single string")
         keys = []
@@ -146,14 +155,15 @@ class ClipSemantics(nn.Module):
                 raise ValueError(f"text must be a non-empty string, got {t!r}")
             keys.append(t.strip().lower())
         use_cache = not (self.trainable or self.training)
-        todo = sorted({k for k in keys if not (use_cache and k in self._text_cache)})
+        precision = self._precision()
+        todo = sorted({k for k in keys if not (use_cache and (precision, k) in self._text_cache)})
         fresh = {}
         if todo:
             with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
                 fresh = dict(zip(todo, self._compute_texts(todo)))
             if use_cache:
-                self._text_cache.update(fresh)
-        rows = [fresh[k] if k in fresh else self._text_cache[k] for k in keys]
+                self._text_cache.update({(precision, k): v for k, v in fresh.items()})
+        rows = [fresh[k] if k in fresh else self._text_cache[(precision, k)] for k in keys]
         length = max(r[1].shape[0] for r in rows)
         width = rows[0][1].shape[1]
         tokens = torch.zeros(len(rows), length, width, device=rows[0][0].device)

@@ -577,8 +577,6 @@ def finetune(model: ClipSam, examples: Sequence[TrainingExample], config: FineTu
         except BaseException:
             snap.restore(model)
             raise
-        finally:  # text features memoised in training's precision (autocast): inference recomputes them in its own
-            model.semantics.clear_cache()
 
 
 def _run(model, examples, config, callback, cancel, snap, t_start, base_fp) -> FineTuneResult:
