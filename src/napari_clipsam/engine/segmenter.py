@@ -107,7 +107,7 @@ def _grow(masks: np.ndarray, margin: float) -> np.ndarray:
 
 
 def _as_entry(obj: ImageFeatures | Encoded) -> dict[str, torch.Tensor]:
-    names = ("tokens", "embeddings", "patches", "prompt_tokens", "semantic", "similarity")
+    names = ("tokens", "embeddings", "patches", "prompt_tokens", "semantic", "similarity", "stem")
     return {n: getattr(obj, n) for n in names if getattr(obj, n, None) is not None}
 
 
@@ -327,17 +327,18 @@ class Segmenter:
     def _features(self, view: _View, fp: str | None = None) -> ImageFeatures:
         fp = self._check_fingerprint()[0] if fp is None else fp
         e = self._cached(digest("features", fp, view.key), lambda: self.model.embed_image(self._input(view)))
-        return ImageFeatures(e.get("tokens"), e.get("embeddings"), e["patches"])
+        return ImageFeatures(e.get("tokens"), e.get("embeddings"), e["patches"], e.get("stem"))
 
     def _encoded(self, view: _View, text: str | None) -> Encoded:
         f, fp, dec = self._check_fingerprint()
         if text is None and not self.model.text_dependent_encoder:
-            return Encoded(embeddings=self._features(view, f).embeddings, texts=(None,),
+            feats = self._features(view, f)
+            return Encoded(embeddings=feats.embeddings, texts=(None,), stem=feats.stem,
                            sides=self._sides_of(digest("features", f, view.key, dec)))
         key = digest("encoded", fp, view.key, text)
         e = self._cached(key, lambda: self.model.condition(self._features(view, f), [text]))
         return Encoded(e["embeddings"], e.get("prompt_tokens"), e.get("semantic"), e.get("similarity"), (text,),
-                       sides=self._sides_of(digest(key, dec)))
+                       sides=self._sides_of(digest(key, dec)), stem=e.get("stem"))
 
     def _sides_of(self, key: str) -> dict:
         """The decoder's image sides of an encoded view (kept for the last few views, so clicks on

@@ -29,6 +29,7 @@ from .conditioning import Context, build_conditioning
 from .decoding import image_side, two_way, upscale_masks
 from .sam_parts import SamConfig, build_sam
 from .semantics import DEFAULT_TEMPLATES, ClipSemantics, TextFeatures, resize_to_grid, similarity_map
+from .stem_skip import stem_features, stem_tap
 
 
 @dataclass
@@ -66,17 +67,19 @@ class ImageFeatures:
 
     tokens: (B, h, w, C) encoder tokens after the text-independent prefix of blocks, or None when
     the whole encoder is text-independent; embeddings: (B, P, h, w) final SAM embeddings in that
-    case, else None; patches: (B, D, g, g) CLIP patch features.
+    case, else None; patches: (B, D, g, g) CLIP patch features; stem: (B, Cs, 4h, 4w) patch-stem
+    features for the mask head's skip (models with ``SamConfig.stem_skip``), else None.
     """
 
     tokens: torch.Tensor | None
     embeddings: torch.Tensor | None
     patches: torch.Tensor
+    stem: torch.Tensor | None = None
 
     def index(self, idx: Sequence[int] | torch.Tensor) -> "ImageFeatures":
         idx = torch.as_tensor(idx, dtype=torch.long, device=self.patches.device)
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return ImageFeatures(pick(self.tokens), pick(self.embeddings), self.patches[idx])
+        return ImageFeatures(pick(self.tokens), pick(self.embeddings), self.patches[idx], pick(self.stem))
 
 
 @dataclass
@@ -88,7 +91,8 @@ class Encoded:
     on SAM's grid or None without text; texts: the row texts (None rows without text); sides:
     the decoder's prompt-independent image side per row, filled by :meth:`ClipSam.decode` in
     inference (hand the same dict to a later Encoded of the same rows to reuse it; see
-    :mod:`~napari_clipsam.models.decoding`).
+    :mod:`~napari_clipsam.models.decoding`); stem: (B, Cs, 4h, 4w) patch-stem features for the
+    mask head's skip, or None (models without ``SamConfig.stem_skip``).
     """
 
     embeddings: torch.Tensor
@@ -97,6 +101,7 @@ class Encoded:
     similarity: torch.Tensor | None = None
     texts: tuple[str | None, ...] = ()
     sides: dict = field(default_factory=dict, repr=False, compare=False)
+    stem: torch.Tensor | None = None
 
 
 @dataclass
@@ -206,7 +211,20 @@ class ClipSam(nn.Module):
     def embed_image(self, images: torch.Tensor) -> ImageFeatures:
         """Text-independent features of (B, 3, S, S) images in [0, 1]."""
         self._check_images(images)
-        return self.finish_features(self.encoder_tokens(images), self.semantics.patch_features(images))
+        return self.finish_features(self.encoder_tokens(images), self.semantics.patch_features(images),
+                                    self.stem_features(images))
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images * 255.0 - self.sam.pixel_mean) / self.sam.pixel_std
+
+    def stem_features(self, images: torch.Tensor) -> torch.Tensor | None:
+        """(B, Cs, 4h, 4w) patch-stem features the mask head's skip reads, or None without one
+        (``SamConfig.stem_skip``; recomputes the stem's first layers, a small cost)."""
+        c = self.config.sam
+        if not c.stem_skip:
+            return None
+        return stem_features(self.sam.image_encoder.patch_embed.proj, self._normalise(images),
+                             stem_tap(c.patch_stem, c.patch_size))
 
     def encoder_tokens(self, images: torch.Tensor, start: int = 0, stop: int | None = None,
                        tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -218,7 +236,7 @@ class ClipSam(nn.Module):
         if tokens is not None:
             x = tokens
         elif start == 0:
-            x = enc.patch_embed((images * 255.0 - self.sam.pixel_mean) / self.sam.pixel_std)
+            x = enc.patch_embed(self._normalise(images))
             if enc.pos_embed is not None:
                 x = x + enc.pos_embed
         else:
@@ -227,12 +245,13 @@ class ClipSam(nn.Module):
             x = blk(x)
         return x
 
-    def finish_features(self, tokens: torch.Tensor, patches: torch.Tensor) -> ImageFeatures:
+    def finish_features(self, tokens: torch.Tensor, patches: torch.Tensor,
+                        stem: torch.Tensor | None = None) -> ImageFeatures:
         """:class:`ImageFeatures` from the tokens after the text-independent prefix."""
         if self.text_dependent_encoder:
-            return ImageFeatures(tokens=tokens, embeddings=None, patches=patches)
+            return ImageFeatures(tokens=tokens, embeddings=None, patches=patches, stem=stem)
         return ImageFeatures(tokens=None, embeddings=self.sam.image_encoder.neck(tokens.permute(0, 3, 1, 2)),
-                             patches=patches)
+                             patches=patches, stem=stem)
 
     def text_features(self, texts: Sequence[str]) -> TextFeatures:
         return self.semantics.text_features(list(texts))
@@ -254,7 +273,7 @@ class ClipSam(nn.Module):
                 for blk in list(enc.blocks)[self.prefix_blocks:]:
                     x = blk(x)
                 emb = enc.neck(x.permute(0, 3, 1, 2))
-            return Encoded(embeddings=emb, texts=texts)
+            return Encoded(embeddings=emb, texts=texts, stem=feats.stem)
         text = self.text_features(texts)
         sim = similarity_map(feats.patches, text.embedding)
         ctx = Context(text=text, patches=feats.patches, similarity=sim)
@@ -272,6 +291,7 @@ class ClipSam(nn.Module):
             semantic=self.conditioning.semantic_logits(ctx, self.mask_size),
             similarity=resize_to_grid(sim, self.embed_size),
             texts=texts,
+            stem=feats.stem,
         )
 
     def encode(self, images: torch.Tensor, texts: Sequence[str | None] | None = None) -> Encoded:
@@ -309,6 +329,11 @@ class ClipSam(nn.Module):
         if enc.prompt_tokens is not None:
             sparse = torch.cat([sparse, enc.prompt_tokens[p.image_index].to(sparse.dtype)], dim=1)
         md = self.sam.mask_decoder
+        skip = getattr(md, "stem_skip", None)
+        if skip is not None and enc.stem is None:
+            raise ValueError("this model's mask head reads patch-stem features (SamConfig.stem_skip): "
+                             "encode with embed_image/encode, which fill Encoded.stem")
+        stem = None if skip is None else (enc.stem, p.image_index)
         out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens[None].expand(n, -1, -1).to(sparse.dtype), sparse], dim=1)
         dev = self.device.type
@@ -319,7 +344,7 @@ class ClipSam(nn.Module):
             if dense_of == "prompt" or torch.is_grad_enabled() or n == 0:  # one image side per prompt
                 side = image_side(md.transformer, enc.embeddings[p.image_index] + dense, pe.get_dense_pe(), dtype)
                 hs, src = two_way(md.transformer, side, tokens[:, None])
-                return self._masks_from(hs, src, multimask)
+                return self._masks_from(hs, src, multimask, stem)
             # The dense input is the same for every prompt of a row: its image side is computed
             # once per row (and kept in enc.sides), then all prompts of the row run on it together.
             hs = torch.empty(n, *tokens.shape[1:], device=tokens.device)
@@ -338,17 +363,19 @@ class ClipSam(nn.Module):
             src = torch.cat(src)
             if len(order) > 1:
                 src = src[torch.argsort(torch.cat(order))]
-            return self._masks_from(hs, src, multimask)
+            return self._masks_from(hs, src, multimask, stem)
 
-    def _masks_from(self, hs: torch.Tensor, src: torch.Tensor,
-                    multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder tokens (N, T, C) and image tokens (N, HW, C) → (mask logits, predicted IoU)."""
+    def _masks_from(self, hs: torch.Tensor, src: torch.Tensor, multimask: bool,
+                    stem: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder tokens (N, T, C), image tokens (N, HW, C) and, with a stem skip, (stem features
+        (B, Cs, 4h, 4w), each prompt's row of them (N,)) → (mask logits, predicted IoU)."""
         md = self.sam.mask_decoder
         mask_out = hs[:, 1 : 1 + md.num_mask_tokens]
         sel = slice(1, None) if multimask else slice(0, 1)
         idx = range(md.num_mask_tokens)[sel]
         hyper = torch.stack([md.output_hypernetworks_mlps[i](mask_out[:, i]) for i in idx], dim=1)
-        masks = upscale_masks(md.output_upscaling, src, hyper, self.embed_size, self.embed_size)
+        skip, (stem, index) = getattr(md, "stem_skip", None), stem or (None, None)
+        masks = upscale_masks(md.output_upscaling, src, hyper, self.embed_size, self.embed_size, skip, stem, index)
         iou = md.iou_prediction_head(hs[:, 0])[:, sel]
         return masks.float(), iou.float()  # fp32 whatever autocast computed in (NumPy has no bf16)
 

@@ -163,9 +163,14 @@ def _convt2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], 2, 2, w.shape[-1])
 
 
-def upscale_masks(up: nn.Sequential, src: torch.Tensor, hyper: torch.Tensor, h: int, w: int) -> torch.Tensor:
+def upscale_masks(up: nn.Sequential, src: torch.Tensor, hyper: torch.Tensor, h: int, w: int,
+                  skip: nn.Module | None = None, stem: torch.Tensor | None = None,
+                  index: torch.Tensor | None = None) -> torch.Tensor:
     """SAM's mask head: image tokens (n, h·w, C) through ``output_upscaling`` (4× finer), dotted
-    with hypernetwork outputs (n, M, C/8) → mask logits (n, M, 4h, 4w).
+    with hypernetwork outputs (n, M, C/8) → mask logits (n, M, 4h, 4w). With ``skip`` (a
+    :class:`~napari_clipsam.models.stem_skip.StemSkip`), the upscaled features are first
+    refined with the stem features ``stem`` (B, Cs, 4h, 4w) of the prompts' images (``index``
+    (n,): each prompt's row of ``stem``), in the image tokens' dtype.
 
     segment-anything's stock head is computed on channels-last pixels: each 2×2 transposed
     convolution is one matrix product, the channel LayerNorm a ``layer_norm`` over the last axis,
@@ -173,15 +178,23 @@ def upscale_masks(up: nn.Sequential, src: torch.Tensor, hyper: torch.Tensor, h: 
     through their modules).
     """
     n, m = src.shape[0], hyper.shape[1]
+    if (skip is None) != (stem is None) or (stem is None) != (index is None):
+        raise ValueError("upscale_masks: give the stem skip, its stem features and their index together")
     if not _is_stock_upscaling(up):
         x = up(src.transpose(1, 2).reshape(n, -1, h, w))
-        return (hyper @ x.flatten(2)).reshape(n, m, x.shape[2], x.shape[3])
-    x = _convt2(src.reshape(n, h, w, -1), up[0])  # (n, h, w, 2, 2, C/4)
-    x = F.gelu(F.layer_norm(x, x.shape[-1:], up[1].weight.to(x.dtype), up[1].bias.to(x.dtype), up[1].eps))
-    x = F.gelu(_convt2(x, up[3]))  # (n, h, w, 2, 2, 2, 2, C/8)
-    masks = x.reshape(n, -1, x.shape[-1]) @ hyper.transpose(1, 2).to(x.dtype)  # (n, h·w·16, M)
-    masks = masks.reshape(n, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)  # y = 4i + 2a + a', x = 4j + 2b + b'
-    return masks.reshape(n, m, 4 * h, 4 * w)
+    else:
+        x = _convt2(src.reshape(n, h, w, -1), up[0])  # (n, h, w, 2, 2, C/4)
+        x = F.gelu(F.layer_norm(x, x.shape[-1:], up[1].weight.to(x.dtype), up[1].bias.to(x.dtype), up[1].eps))
+        x = F.gelu(_convt2(x, up[3]))  # (n, h, w, 2, 2, 2, 2, C/8)
+        if skip is None:
+            masks = x.reshape(n, -1, x.shape[-1]) @ hyper.transpose(1, 2).to(x.dtype)  # (n, h·w·16, M)
+            masks = masks.reshape(n, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)  # y = 4i + 2a + a', x = 4j + 2b + b'
+            return masks.reshape(n, m, 4 * h, 4 * w)
+        x = x.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, -1, 4 * h, 4 * w)
+    if skip is not None:  # in the image side's dtype (bf16/fp16 under the fast path and in training)
+        with torch.autocast(x.device.type, dtype=x.dtype, enabled=x.dtype in (torch.bfloat16, torch.float16)):
+            x = skip(x, stem.to(x.dtype), index)
+    return (hyper.to(x.dtype) @ x.flatten(2)).reshape(n, m, x.shape[2], x.shape[3])
 
 
 __all__ = ["ImageSide", "image_side", "two_way", "upscale_masks"]

@@ -20,6 +20,8 @@ from segment_anything.modeling import (
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
+from .stem_skip import StemSkip, stem_tap
+
 
 @dataclass
 class SamConfig:
@@ -43,6 +45,10 @@ class SamConfig:
     #: Channels of a convolutional stem in place of SAM's single ``patch_size`` convolution
     #: (see :func:`conv_stem`); empty — SAM's own, as in every official checkpoint.
     patch_stem: tuple[int, ...] = ()
+    #: The mask head also reads the patch stem's features on the mask grid (a high-resolution
+    #: skip, see :mod:`~napari_clipsam.models.stem_skip`); needs a ``patch_stem``. Off in every
+    #: official checkpoint.
+    stem_skip: bool = False
 
     @property
     def embed_size(self) -> int:
@@ -162,6 +168,9 @@ def build_sam(config: SamConfig | str) -> Sam:
     )
     if c.patch_stem:
         sam.image_encoder.patch_embed.proj = conv_stem(c.patch_stem, c.encoder_embed_dim, c.patch_size)
+    if c.stem_skip:
+        tap = stem_tap(c.patch_stem, c.patch_size)
+        sam.mask_decoder.stem_skip = StemSkip(c.patch_stem[tap], c.prompt_embed_dim // 8)
     sam.eval()
     return sam
 

@@ -320,21 +320,23 @@ def cache_point(model: ClipSam) -> int:
 
 @torch.no_grad()
 def frozen_features(model: ClipSam, x: torch.Tensor, k: int) -> tuple:
-    """(tokens after blocks < k or None, final embeddings or None, CLIP patches) of (B, 3, S, S) images."""
+    """(tokens after blocks < k or None, final embeddings or None, CLIP patches, stem features or
+    None) of (B, 3, S, S) images."""
     t = model.encoder_tokens(x, stop=k)
-    patches = model.semantics.patch_features(x)
+    patches, stem = model.semantics.patch_features(x), model.stem_features(x)
     if k >= len(model.sam.image_encoder.blocks):
-        return None, model.sam.image_encoder.neck(t.permute(0, 3, 1, 2)), patches
-    return t, None, patches
+        return None, model.sam.image_encoder.neck(t.permute(0, 3, 1, 2)), patches, stem
+    return t, None, patches, stem
 
 
 def features_from_cache(model: ClipSam, cached: Sequence[tuple], k: int) -> ImageFeatures:
     """Finish the text-independent encoder from cached frozen features (with gradients)."""
     patches = torch.cat([c[2] for c in cached])
+    stem = None if cached[0][3] is None else torch.cat([c[3] for c in cached])
     if cached[0][1] is not None:
-        return ImageFeatures(tokens=None, embeddings=torch.cat([c[1] for c in cached]), patches=patches)
+        return ImageFeatures(tokens=None, embeddings=torch.cat([c[1] for c in cached]), patches=patches, stem=stem)
     t = model.encoder_tokens(None, start=k, tokens=torch.cat([c[0] for c in cached]))
-    return model.finish_features(t, patches)
+    return model.finish_features(t, patches, stem)
 
 
 def _features(model: ClipSam, views: Sequence[View], k: int, use_cache: bool) -> ImageFeatures:
