@@ -30,7 +30,7 @@ frozen: cheaper steps), the skip ``NEW_LR_FACTOR``× faster than the rest of the
 metadata records both runs and their training times (together under 30 minutes)::
 
     python scripts/train_demo.py --steps 2400 --seed 0 --no-stem-skip --out stage1.safetensors
-    python scripts/train_demo.py --init stage1.safetensors --decoder-only --steps 540 --lr 2e-4 --seed 1
+    python scripts/train_demo.py --init stage1.safetensors --decoder-only --steps 480 --lr 2e-4 --seed 1
 
 Training the whole model in the second stage gained about as much but cost twice as much per step.
 """

@@ -29,7 +29,7 @@ from .conditioning import Context, build_conditioning
 from .decoding import image_side, two_way, upscale_masks
 from .sam_parts import SamConfig, build_sam
 from .semantics import DEFAULT_TEMPLATES, ClipSemantics, TextFeatures, resize_to_grid, similarity_map
-from .stem_skip import stem_features, stem_tap
+from .stem_skip import run_stem, stem_tap
 
 
 @dataclass
@@ -211,20 +211,23 @@ class ClipSam(nn.Module):
     def embed_image(self, images: torch.Tensor) -> ImageFeatures:
         """Text-independent features of (B, 3, S, S) images in [0, 1]."""
         self._check_images(images)
-        return self.finish_features(self.encoder_tokens(images), self.semantics.patch_features(images),
-                                    self.stem_features(images))
+        x, stem = self.patch_tokens(images)
+        return self.finish_features(self.encoder_tokens(None, tokens=x), self.semantics.patch_features(images), stem)
 
-    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        return (images * 255.0 - self.sam.pixel_mean) / self.sam.pixel_std
-
-    def stem_features(self, images: torch.Tensor) -> torch.Tensor | None:
-        """(B, Cs, 4h, 4w) patch-stem features the mask head's skip reads, or None without one
-        (``SamConfig.stem_skip``; recomputes the stem's first layers, a small cost)."""
-        c = self.config.sam
-        if not c.stem_skip:
-            return None
-        return stem_features(self.sam.image_encoder.patch_embed.proj, self._normalise(images),
-                             stem_tap(c.patch_stem, c.patch_size))
+    def patch_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, h, w, C) tokens entering the first encoder block (patch embedding + position) and
+        the (B, Cs, 4h, 4w) patch-stem features the mask head's skip reads (None without one,
+        ``SamConfig.stem_skip``), from one pass through the stem."""
+        enc, c = self.sam.image_encoder, self.config.sam
+        x = (images * 255.0 - self.sam.pixel_mean) / self.sam.pixel_std
+        if c.stem_skip:
+            x, stem = run_stem(enc.patch_embed.proj, x, stem_tap(c.patch_stem, c.patch_size))
+            x = x.permute(0, 2, 3, 1)  # (B, C, h, w) → (B, h, w, C), as segment-anything's PatchEmbed
+        else:
+            x, stem = enc.patch_embed(x), None
+        if enc.pos_embed is not None:
+            x = x + enc.pos_embed
+        return x, stem
 
     def encoder_tokens(self, images: torch.Tensor, start: int = 0, stop: int | None = None,
                        tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -236,9 +239,7 @@ class ClipSam(nn.Module):
         if tokens is not None:
             x = tokens
         elif start == 0:
-            x = enc.patch_embed(self._normalise(images))
-            if enc.pos_embed is not None:
-                x = x + enc.pos_embed
+            x = self.patch_tokens(images)[0]
         else:
             raise ValueError(f"encoder_tokens from block {start} needs the tokens of block {start - 1}")
         for blk in list(enc.blocks)[start:stop]:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
-from segment_anything.modeling.common import LayerNorm2d
 import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
 
@@ -48,7 +48,6 @@ class StemSkip(nn.Module):
 
     def __init__(self, stem_channels: int, mask_channels: int, hidden: int = 32):
         super().__init__()
-        self.stem_channels = stem_channels
         self.proj = nn.Conv2d(stem_channels, mask_channels, 1)
         self.refine = nn.Sequential(nn.Conv2d(mask_channels + stem_channels, hidden, 3, padding=1),
                                     LayerNorm2d(hidden), nn.GELU(), nn.Conv2d(hidden, mask_channels, 3, padding=1))
@@ -58,8 +57,9 @@ class StemSkip(nn.Module):
 
     def forward(self, x: torch.Tensor, stem: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``index`` (n,): the row of ``stem`` (the image) of each prompt."""
-        if stem.ndim != 4 or stem.shape[1] != self.stem_channels or stem.shape[2:] != x.shape[2:]:
-            raise ValueError(f"stem features must be (B, {self.stem_channels}, {x.shape[2]}, {x.shape[3]}), "
+        cs = self.proj.in_channels
+        if stem.ndim != 4 or stem.shape[1] != cs or stem.shape[2:] != x.shape[2:]:
+            raise ValueError(f"stem features must be (B, {cs}, {x.shape[2]}, {x.shape[3]}), "
                              f"got {tuple(stem.shape)}")
         if index.shape != (x.shape[0],):
             raise ValueError(f"index must give one stem row per prompt ({x.shape[0]}), got {tuple(index.shape)}")
@@ -71,9 +71,12 @@ class StemSkip(nn.Module):
         return x + self.refine[1:](h)
 
 
-def stem_features(stem: nn.Sequential, x: torch.Tensor, tap: int) -> torch.Tensor:
-    """The output of stem block ``tap`` (conv + LayerNorm2d + GELU each) for normalised images."""
-    return stem[: 3 * (tap + 1)](x)
+def run_stem(stem: nn.Sequential, x: torch.Tensor, tap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A :func:`~napari_clipsam.models.sam_parts.conv_stem` on normalised images, run once →
+    (its output, the output of its block ``tap``: conv + LayerNorm2d + GELU each)."""
+    k = 3 * (tap + 1)
+    mid = stem[:k](x)
+    return stem[k:](mid), mid
 
 
-__all__ = ["StemSkip", "stem_features", "stem_tap"]
+__all__ = ["StemSkip", "run_stem", "stem_tap"]

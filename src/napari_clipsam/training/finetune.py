@@ -322,8 +322,9 @@ def cache_point(model: ClipSam) -> int:
 def frozen_features(model: ClipSam, x: torch.Tensor, k: int) -> tuple:
     """(tokens after blocks < k or None, final embeddings or None, CLIP patches, stem features or
     None) of (B, 3, S, S) images."""
-    t = model.encoder_tokens(x, stop=k)
-    patches, stem = model.semantics.patch_features(x), model.stem_features(x)
+    t, stem = model.patch_tokens(x)
+    t = model.encoder_tokens(None, stop=k, tokens=t)
+    patches = model.semantics.patch_features(x)
     if k >= len(model.sam.image_encoder.blocks):
         return None, model.sam.image_encoder.neck(t.permute(0, 3, 1, 2)), patches, stem
     return t, None, patches, stem
