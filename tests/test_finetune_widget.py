@@ -131,7 +131,7 @@ def test_train_cancel_save_load(make_napari_viewer, qtbot, tmp_path):
     panel.load_adapter(path)
     _wait(qtbot, panel)
     assert panel.adapter_meta["texts"] == ["nucleus"]
-    assert "texts: nucleus" in panel.meta_label.text() and "validation IoU" in panel.meta_label.text()
+    assert "texts: nucleus" in panel.meta_label.text() and "validation score" in panel.meta_label.text()
     reloaded = _state(model)
     assert reloaded.keys() == trained.keys() and all(torch.equal(reloaded[k], trained[k]) for k in trained)
 
@@ -174,3 +174,14 @@ def test_volume_slice_example_and_errors(make_napari_viewer, qtbot):
         errors = [n.message for n in notification_manager.records if n.severity == NotificationSeverity.ERROR]
         assert "labels are all zero" in errors[-1]
     assert len(panel.examples) == 2
+
+
+def test_adapter_description_reads_old_and_new_validation_keys():
+    """Adapters written before the score included the text mode's F1 stored it as "val_iou"."""
+    from napari_clipsam.widgets.finetune_widget import FineTuneWidget
+
+    for key in ("val_score", "val_iou"):
+        meta = {"texts": ["nucleus"], "mode": "both",
+                "summary": {"start_metrics": {key: 0.5}, "best_metrics": {key: 0.625}}}
+        assert "validation score: 0.5 → 0.625" in FineTuneWidget._describe(meta)
+    assert "validation" not in FineTuneWidget._describe({"texts": ["nucleus"], "mode": "text"})

@@ -79,9 +79,9 @@ def test_text_finetune_improves_held_out_and_uses_text(text_runs):
     start, good, swapped = text_runs["start"], text_runs["good"], text_runs["swapped"]
     res = text_runs["result"]
     assert res.split["kind"] == "examples" and res.split["val"]
-    assert res.best_val_iou > res.start_val_iou + 0.1
+    assert res.best_val_score > res.start_val_score + 0.1
     # held-out images never seen in training
-    assert good["val_iou"] > start["val_iou"] + 0.1, (start, good)
+    assert good["val_score"] > start["val_score"] + 0.1, (start, good)
     assert good["iou_text"] > start["iou_text"] + 0.15, (start, good)
     # with the texts swapped the same steps give much worse results for the right texts
     assert good["iou_text"] > swapped["iou_text"] + 0.05, (good, swapped)
@@ -154,11 +154,22 @@ def test_deterministic_and_cache_prefix_equivalent():
     assert runs[0].best_step == runs[2].best_step
 
 
-def test_single_image_holds_out_a_crop_and_early_stops():
+def test_few_images_hold_out_strips_and_keep_the_last_weights():
+    """1–3 images: a strip of each is held out, every image trains, and the run takes all its steps
+    and keeps the last weights (patience and keep_best apply to held-out whole images only)."""
+    cfg = _cfg(steps=6, mode="text", lr=1e-6, val_every=1, patience=2, min_delta=0.5)
     m = _model("ssp")
-    res = finetune(m, _data([0]), _cfg(steps=40, mode="text", lr=1e-6, val_every=1, patience=2, min_delta=0.5))
-    assert res.split["kind"] == "crop" and res.steps == 2 and res.best_step == 0
+    res = finetune(m, _data([0]), cfg)
+    assert res.split["kind"] == "crop" and res.steps == 6 and res.best_step == 6
+    assert res.best_metrics == {k: v for k, v in res.history[-1].items() if k not in ("step", "loss")}
     assert hasattr(m, "clipsam_adapter") and m.clipsam_adapter["texts"] == ["nucleus", "vesicle"]
+    res = finetune(_model("ssp"), _data(range(3)), cfg)
+    assert res.split["kind"] == "crop" and res.steps == 6 and res.best_step == 6
+    assert {n[:4] for n in res.split["train"]} == {n[:4] for n in res.split["val"]} == {"img0", "img1", "img2"}
+    # 4 images: one held out whole, 3 train; no check improves by 0.5, so it stops after 2 and keeps the start
+    res = finetune(_model("ssp"), _data(range(4)), cfg)
+    assert res.split["kind"] == "examples" and len(res.split["val"]) == 2  # one image, two concepts
+    assert res.steps == 2 and res.best_step == 0 and res.best_metrics == res.start_metrics
 
 
 def test_autocast_choice_and_bf16_steps_track_fp32(monkeypatch):

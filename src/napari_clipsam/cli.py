@@ -660,13 +660,13 @@ def _finetune(args: argparse.Namespace) -> int:
             post = {}
             if p.loss is not None:
                 post["loss"] = f"{p.loss:.3f}"
-            if p.val_iou is not None:
-                post["val IoU"] = f"{p.val_iou:.3f}"
+            if p.val_score is not None:
+                post["val score"] = f"{p.val_score:.3f}"
             bar.set_postfix(post, refresh=False)
         if p.phase == "validate" and not args.quiet:
-            best = "" if p.best_val_iou is None else f" (best {p.best_val_iou:.3f})"
+            best = "" if p.best_val_score is None else f" (best {p.best_val_score:.3f})"
             loss = "" if p.loss is None else f" loss {p.loss:.4f}"
-            bar.write(f"step {p.step:>4}/{p.total}{loss} validation IoU {p.val_iou:.3f}{best}")
+            bar.write(f"step {p.step:>4}/{p.total}{loss} validation score {p.val_score:.3f}{best}")
 
     try:
         result = finetune(model, examples, config, callback=callback)
@@ -675,7 +675,7 @@ def _finetune(args: argparse.Namespace) -> int:
     meta = {"cli": {"images": [str(p) for p in images], "labels": [str(p) for p in labels], "text": text}}
     save_adapter(out, model, metadata=meta, overwrite=args.overwrite)
     if not args.quiet:
-        keys = ("iou_points", "iou_box", "iou_text", "val_iou")
+        keys = ("iou_points", "iou_box", "iou_text", "f1_text", "val_score")
 
         def fmt(m: dict) -> str:
             return "  ".join(f"{k} {m[k]:.3f}" for k in keys if k in m and m[k] == m[k])

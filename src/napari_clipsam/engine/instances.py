@@ -17,6 +17,13 @@ TEXT_THRESHOLD = 0.35
 #: demo instance F1 without → with: nucleus 0.76 → 0.79, mitochondrion 0.48 → 0.51, vesicle 0.57 → 0.69;
 #: 0.3, 0.4 and 0.6 did less well; masks under it mostly lie on objects of other kinds).
 MIN_SUPPORT = 0.5
+#: ``segment_text``'s other defaults: least instance area (image pixels), least predicted IoU,
+#: IoU above which overlapping instances are suppressed, and the margin (× an instance's
+#: equivalent diameter) its mask may extend beyond its region of the map.
+MIN_AREA = 16
+MIN_SCORE = 0.25
+NMS_IOU = 0.5
+REGION_MARGIN = 0.5
 #: ``segment_text(seeds=...)``: a grid of clicks per region (default) or one prompt per region.
 SEED_MODES = ("grid", "regions")
 
@@ -284,5 +291,5 @@ def label_overlap(a: np.ndarray, b: np.ndarray, metric: str = "iou") -> tuple[np
     return ids_a[ra], ids_b[rb], iou[np.ix_(ra, rb)]
 
 
-__all__ = ["MIN_SUPPORT", "SEED_MODES", "TEXT_THRESHOLD", "Instances", "check_fraction", "check_seeds", "consensus_nms", "label_overlap", "mask_nms",
+__all__ = ["MIN_AREA", "MIN_SCORE", "MIN_SUPPORT", "NMS_IOU", "REGION_MARGIN", "SEED_MODES", "TEXT_THRESHOLD", "Instances", "check_fraction", "check_seeds", "consensus_nms", "label_overlap", "mask_nms",
            "paint_labels"]

@@ -27,15 +27,15 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..models.clipsam import ClipSam, Encoded, ImageFeatures, Prompts
-from ..models.conditioning import grid_seeds, pseudo_prompts
 from ..models.fast import enable_fast_path, fast_inference
 from .cache import EmbeddingCache, PartFingerprints, digest
-from .instances import MIN_SUPPORT, TEXT_THRESHOLD, Instances, check_fraction, check_seeds, consensus_nms, mask_nms, paint_labels
-from .preprocess import (Frame, frame_for, fraction_to_logits, mask_to_prompt, normalize_image, postprocess_logits,
+from .instances import (MIN_AREA, MIN_SCORE, MIN_SUPPORT, NMS_IOU, REGION_MARGIN, TEXT_THRESHOLD, Instances,
+                        check_fraction, check_seeds)
+from .preprocess import (Frame, frame_for, mask_to_prompt, normalize_image, postprocess_logits,
                          to_model_input)
+from .text_instances import to_labels, view_instances
 from .tiling import Tile, covering, make_tiles, paste_cores, route, stitch
 
 log = logging.getLogger(__name__)
@@ -44,13 +44,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int, str], None]
 
 _DECODER_PARTS = ("sam.prompt_encoder.", "sam.mask_decoder.")
-_DECODE_CHUNK = 32  # prompts per decode call at most, and masks per postprocessing step
-#: Image-token elements (prompts × h·w × channels) per decode call: beyond a few million the
-#: per-prompt cost grows (vit_b 1024², bf16, ms per prompt at 1 / 4 / 8 / 16 / 32 prompts a call:
-#: 20.4 / 22.2 / 23.5 / 28.3 / 35.3), so large models decode few prompts at a time.
-_DECODE_ELEMENTS = 1 << 22
 _SIDES_KEPT = 4  # views whose decoder image sides are kept (each ~10 MB at vit_b size)
-_CONSENSUS_GRID = 128
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -93,17 +87,6 @@ class _View:
     @property
     def offset(self) -> np.ndarray:
         return np.array([self.tile.window[1], self.tile.window[0]], np.float32)  # (x, y)
-
-
-def _grow(masks: np.ndarray, margin: float) -> np.ndarray:
-    """(N, h, w) boolean regions, each dilated by ``margin`` × its equivalent diameter (>= 2 px)."""
-    from scipy import ndimage
-
-    out = np.empty_like(masks)
-    for i, m in enumerate(masks):
-        r = max(2, int(round(margin * 2 * np.sqrt(m.sum() / np.pi))))
-        out[i] = ndimage.binary_dilation(m, ndimage.generate_binary_structure(2, 1), iterations=r)
-    return out
 
 
 def _as_entry(obj: ImageFeatures | Encoded) -> dict[str, torch.Tensor]:
@@ -503,8 +486,9 @@ class Segmenter:
         return text.strip()
 
     # ---- text → instances ---------------------------------------------------------------------
-    def segment_text(self, text: str, threshold: float = TEXT_THRESHOLD, min_area: int = 16, min_score: float = 0.25,
-                     nms_iou: float = 0.5, merge_iou: float = 0.5, region_margin: float = 0.5,
+    def segment_text(self, text: str, threshold: float = TEXT_THRESHOLD, min_area: int = MIN_AREA,
+                     min_score: float = MIN_SCORE, nms_iou: float = NMS_IOU, merge_iou: float = 0.5,
+                     region_margin: float = REGION_MARGIN,
                      seeds: str = "grid", min_support: float = MIN_SUPPORT,
                      progress: Progress | None = None) -> TextSegmentation:
         """All instances of ``text`` in the current image.
@@ -512,12 +496,12 @@ class Segmenter:
         The text's semantic map (``prob``) is thresholded at ``threshold`` into regions, and the
         regions are turned into prompts by ``seeds``:
 
-        - ``"grid"`` (default): points on a grid inside the regions (see :func:`grid_seeds`), each
+        - ``"grid"`` (default): points on a grid inside the regions (see :func:`~napari_clipsam.models.conditioning.grid_seeds`), each
           decoded like a click; masks many points agree on are kept first, masks overlapping a
-          kept one by IoU > ``nms_iou`` are dropped (:func:`consensus_nms`). Touching objects
+          kept one by IoU > ``nms_iou`` are dropped (:func:`~napari_clipsam.engine.instances.consensus_nms`). Touching objects
           merged into one region still get one mask each.
         - ``"regions"``: one prompt per region (large or necked regions split, see
-          :func:`pseudo_prompts`): its best point with the connected area around it as mask
+          :func:`~napari_clipsam.models.conditioning.pseudo_prompts`): its best point with the connected area around it as mask
           prompt. One decode per region — faster, but touching objects may merge; needs a
           decoder trained with mask prompts (SAM's pretrained one, the demo's).
 
@@ -540,8 +524,9 @@ class Segmenter:
         parts, probs = [], []
         single = len(self._views) == 1  # one view: report its decode chunks instead
         for i, view in enumerate(self._views):
-            inst, prob = self._instances_in_view(view, text, threshold, min_area, i, region_margin, seeds, nms_iou,
-                                                 min_support, report if single else None)
+            inst, prob = view_instances(self.model, self._encoded(view, text), view.frame, threshold, min_area,
+                                        region_margin, seeds, nms_iou, min_support, offset=view.tile.window[:2],
+                                        source=i, report=report if single else None)
             parts.append(inst)
             probs.append(prob)
             if report and not single:
@@ -550,83 +535,8 @@ class Segmenter:
         tiles = [v.tile for v in self._views]
         if len(tiles) > 1:
             inst = stitch(inst, tiles, merge_iou)
-        inst = inst.filter((inst.areas >= min_area) & (inst.scores >= min_score))
-        inst = mask_nms(inst, nms_iou)
-        labels, scores = paint_labels(inst, (h, w), min_area)
+        labels, scores = to_labels(inst, (h, w), min_area, min_score, nms_iou)
         return TextSegmentation(labels, scores, paste_cores(tiles, probs, (h, w)))
-
-    def _instances_in_view(self, view: _View, text: str, threshold: float, min_area: int, source: int,
-                           region_margin: float, seeds: str, nms_iou: float, min_support: float,
-                           report: Progress | None = None) -> tuple[Instances, np.ndarray]:
-        """Instances (image coordinates) and the (h, w) probability map of one view; ``report``
-        gets (prompts decoded, prompts, "segment_text") after each decode chunk."""
-        enc = self._encoded(view, text)
-        s, m, frame = self.model.img_size, self.model.mask_size, view.frame
-        with fast_inference(self.model):
-            sem = self.model.semantic_logits(enc)
-            prob = torch.sigmoid(postprocess_logits(sem, frame))[0, 0].cpu().numpy()
-        low = torch.sigmoid(sem)[0, 0].cpu().numpy()
-        vh, vw = math.ceil(frame.resized[0] * m / s), math.ceil(frame.resized[1] * m / s)
-        low[vh:], low[:, vw:] = 0.0, 0.0  # padding is not image
-        cell_area = (s / m / frame.scale) ** 2  # image pixels per low-res cell
-        min_cells = max(1, int(min_area / cell_area))
-        r = s / m
-        if seeds == "grid":
-            gs = grid_seeds(low, threshold=threshold, min_area=min_cells)
-            if not len(gs):
-                return Instances(), prob
-            n = len(gs)
-            prompts = Prompts(torch.zeros(n), points=torch.from_numpy(gs.points * r - 0.5)[:, None],
-                              labels=torch.ones(n, 1))
-            ids = np.unique(gs.region)
-            grown = _grow(gs.regions[None] == ids[:, None, None], region_margin)
-            near = torch.from_numpy(grown[np.searchsorted(ids, gs.region)])[:, None]
-        else:
-            pp = pseudo_prompts(low, threshold=threshold, min_area=min_cells)
-            if not len(pp):
-                return Instances(), prob
-            # Each region's point is decoded with the whole connected area around it as mask
-            # prompt: the decoder finds the object at the point, so an over-split region gives
-            # duplicates that NMS removes, not fragments.
-            n = len(pp)
-            region = torch.from_numpy(pp.areas[:, None].astype(np.float32))
-            prompts = Prompts(torch.zeros(n), points=torch.from_numpy(pp.points * r - 0.5)[:, None],
-                              labels=torch.ones(n, 1), masks=fraction_to_logits(region))
-            near = torch.from_numpy(_grow(pp.areas, region_margin))[:, None]
-        low_masks, iou = [], []
-        emb = enc.embeddings
-        chunk = max(1, min(_DECODE_CHUNK, _DECODE_ELEMENTS // (emb.shape[1] * emb.shape[2] * emb.shape[3])))
-        for c in range(0, n, chunk):
-            with fast_inference(self.model):
-                lm, sc = self.model.decode(enc, prompts[c : c + chunk])
-                # Each instance stays near its area: a decoder that wanders onto other objects of
-                # the same concept would otherwise return their union for every prompt.
-                low_masks.append(lm.masked_fill(~near[c : c + chunk].to(lm.device), -1e4))
-                iou.append(sc[:, 0].clamp(0, 1))
-            if report:
-                report(min(n, c + chunk), n, "segment_text")
-        low_masks, iou = torch.cat(low_masks), torch.cat(iou)
-        rank = iou.cpu().numpy().astype(np.float64)
-        if seeds == "grid":  # the masks most seeds agree on, ranked by those votes
-            f = max(1, m // _CONSENSUS_GRID)  # votes on at most 128² cells (memory: N × cells)
-            votes_on = F.avg_pool2d((low_masks[:, 0] > 0).float(), f) > 0.5 if f > 1 else low_masks[:, 0] > 0
-            keep, votes = consensus_nms(votes_on.cpu().numpy(), rank, nms_iou=nms_iou)
-            rank = (votes + rank)[keep]
-            keep = torch.from_numpy(keep).to(low_masks.device)
-            low_masks, iou = low_masks[keep], iou[keep]
-        # The map must back each mask: a seed on a faint spot may be decoded onto another kind.
-        inside = (low_masks[:, 0] > 0).flatten(1).float()
-        support = inside @ torch.from_numpy(low).to(inside).reshape(-1) / inside.sum(1).clamp(min=1)
-        backed = support >= min_support
-        low_masks, iou, rank = low_masks[backed], iou[backed], rank[backed.cpu().numpy()]
-        y0, x0 = view.tile.window[:2]
-        out = []
-        for c in range(0, len(iou), _DECODE_CHUNK):
-            with fast_inference(self.model):
-                masks = postprocess_logits(low_masks[c : c + _DECODE_CHUNK], frame)[:, 0] > 0
-            out.append(Instances.from_dense(masks.cpu().numpy(), iou[c : c + _DECODE_CHUNK].cpu().numpy(),
-                                            offset=(y0, x0), source=source, rank=rank[c : c + _DECODE_CHUNK]))
-        return Instances.cat(out), prob
 
     # ---- volumes ------------------------------------------------------------------------------
     def segment_volume(self, volume: np.ndarray, z: int | None = None, points=None, labels=None, box=None,

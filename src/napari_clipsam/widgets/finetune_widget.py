@@ -73,7 +73,7 @@ def class_labels(layer, text: str) -> np.ndarray:
 
 
 class LossPlot(QWidget):
-    """A small live plot: training loss (blue, own scale) and validation IoU (orange, 0–1) per step."""
+    """A small live plot: training loss (blue, own scale) and validation score (orange, 0–1) per step."""
 
     def __init__(self):
         super().__init__()
@@ -86,11 +86,11 @@ class LossPlot(QWidget):
         self.loss, self.val, self.total = [], [], max(1, total)
         self.update()
 
-    def add(self, step: int, loss: float, val_iou: float) -> None:
+    def add(self, step: int, loss: float, val_score: float) -> None:
         if not math.isnan(loss):
             self.loss.append((step, loss))
-        if not math.isnan(val_iou) and (not self.val or self.val[-1] != (step, val_iou)):
-            self.val.append((step, val_iou))
+        if not math.isnan(val_score) and (not self.val or self.val[-1] != (step, val_score)):
+            self.val.append((step, val_score))
         self.update()
 
     def paintEvent(self, event) -> None:  # noqa: N802 (Qt)
@@ -100,7 +100,7 @@ class LossPlot(QWidget):
         p.setPen(QColor(160, 160, 160))
         p.drawText(m, 14, "loss")
         p.setPen(QColor(255, 165, 0))
-        p.drawText(m + 40, 14, "val IoU")
+        p.drawText(m + 40, 14, "val score")
 
         def curve(points, lo, hi, color):
             if not points:
@@ -121,7 +121,7 @@ class LossPlot(QWidget):
 class FineTuneWidget(QWidget):
     """Collect corrected labels as examples and fine-tune the shared model (see the module docstring)."""
 
-    #: (step, loss or NaN, val IoU or NaN): emitted from the training thread, drawn in the UI thread
+    #: (step, loss or NaN, val score or NaN): emitted from the training thread, drawn in the UI thread
     trained_step = Signal(int, float, float)
 
     def __init__(self, napari_viewer: napari.Viewer):
@@ -401,7 +401,7 @@ class FineTuneWidget(QWidget):
             def callback(p) -> None:
                 report(p.step, p.total, p.phase)
                 self.trained_step.emit(p.step, float("nan") if p.loss is None else float(p.loss),
-                                       float("nan") if p.val_iou is None else float(p.val_iou))
+                                       float("nan") if p.val_score is None else float(p.val_score))
 
             return finetune(seg.model, examples, config, callback=callback, cancel=self._cancel)
 
@@ -412,9 +412,9 @@ class FineTuneWidget(QWidget):
         """Stop training at the next step; the model is restored exactly."""
         self._cancel.set()
 
-    def _on_step(self, step: int, loss: float, val_iou: float) -> None:
+    def _on_step(self, step: int, loss: float, val_score: float) -> None:
         self.progress.setValue(step)
-        self.plot.add(step, loss, val_iou)
+        self.plot.add(step, loss, val_score)
 
     def _trained(self, result: FineTuneResult) -> None:
         self.result = result
@@ -422,8 +422,8 @@ class FineTuneWidget(QWidget):
             self.status.setText("cancelled: the model is unchanged")
             return
         self.session.weights_changed()
-        self.status.setText(f"done: {result.steps} steps in {result.seconds:.0f} s; validation IoU "
-                            f"{result.start_val_iou:.3f} → {result.best_val_iou:.3f} (best at step "
+        self.status.setText(f"done: {result.steps} steps in {result.seconds:.0f} s; validation score "
+                            f"{result.start_val_score:.3f} → {result.best_val_score:.3f} (kept the weights of step "
                             f"{result.best_step}); the Segment panel now uses the adapter")
         self.meta_label.setText(self._describe(self.session.adapter_info() or {}))
 
@@ -431,8 +431,9 @@ class FineTuneWidget(QWidget):
     @staticmethod
     def _describe(meta: dict) -> str:
         summary = meta.get("summary") or (meta.get("training") or {}).get("summary") or {}
-        best = (summary.get("best_metrics") or {}).get("val_iou")
-        start = (summary.get("start_metrics") or {}).get("val_iou")
+        # adapters written before the score included the text mode's F1 call it "val_iou"
+        best, start = ((summary.get(part) or {}).get("val_score", (summary.get(part) or {}).get("val_iou"))
+                       for part in ("best_metrics", "start_metrics"))
         lines = []
         base = meta.get("base")
         if isinstance(base, dict):
@@ -441,7 +442,7 @@ class FineTuneWidget(QWidget):
         if meta.get("strategy"):
             lines.append(f"strategy: {meta['strategy']} · LoRA: {meta.get('lora') and meta['lora'].get('rank')}")
         if best is not None:
-            lines.append(f"validation IoU: {start if start is None else round(start, 3)} → {best:.3f}")
+            lines.append(f"validation score: {start if start is None else round(start, 3)} → {best:.3f}")
         if meta.get("created"):
             lines.append(f"created: {meta['created']}")
         return "\n".join(lines)
