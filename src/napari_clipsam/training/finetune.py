@@ -462,7 +462,7 @@ def evaluate_views(model: ClipSam, views: Sequence[View], mode: str = "both", k:
     ``mode`` (manual: points, box; text: text, points, F1; both: all four). The F1 is what the
     semi-automatic mode delivers: on two or three labelled images the IoUs alone (boxes above
     all) swing from check to check while its instances improve, and early stopping on them kept
-    the untouched model (bench/README.md, "Validation that tracks instances").
+    the untouched model (bench/README.md, "Few labels: what validation can decide").
     """
     if k is None:
         k = cache_point(model)
@@ -661,10 +661,13 @@ def _run(model, examples, config, callback, cancel, snap, t_start, base_fp) -> F
         with autocast():
             return evaluate_views(model, val_views, config.mode, k, config.cache_prefix, config.val_max_instances)
 
+    def snapshot() -> dict | None:  # the weights to end with, where the best check chooses them
+        return {n: t.detach().clone() for n, t in _mutable_tensors(model).items()} if keep_best else None
+
     start = validate()
     best = dict(start)
     best_step = 0
-    best_state = {n: t.detach().clone() for n, t in _mutable_tensors(model).items()}
+    best_state = snapshot()
     history = [{"step": 0, "loss": None, **start}]
     losses: list[float] = []
     bad = 0
@@ -692,7 +695,7 @@ def _run(model, examples, config, callback, cancel, snap, t_start, base_fp) -> F
             last_val = metrics["val_score"]
             if metrics["val_score"] > best["val_score"] + config.min_delta or math.isnan(best["val_score"]):
                 best, best_step, bad = dict(metrics), step, 0
-                best_state = {n: t.detach().clone() for n, t in _mutable_tensors(model).items()}
+                best_state = snapshot()
             else:
                 bad += 1
             log.info("step %d/%d loss %.4f val score %.4f (best %.4f @ %d)", step, config.steps,
@@ -747,5 +750,5 @@ def _run(model, examples, config, callback, cancel, snap, t_start, base_fp) -> F
     return result
 
 
-__all__ = ["MIN_TRAIN_IMAGES", "FineTuneConfig", "FineTuneResult", "Progress", "View", "build_views", "cache_point", "evaluate",
-           "evaluate_views", "features_from_cache", "finetune", "frozen_features", "split_examples"]
+__all__ = ["MIN_TRAIN_IMAGES", "FineTuneConfig", "FineTuneResult", "Progress", "View", "build_views", "cache_point",
+           "evaluate", "evaluate_views", "features_from_cache", "finetune", "frozen_features", "split_examples"]
