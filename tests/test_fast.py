@@ -55,16 +55,40 @@ def test_encoder_sdpa_matches_reference_fp32(config):
     assert _rel(out, ref) <= 1e-5
 
 
-def test_chunked_bias_matches_unchunked(monkeypatch):
-    """Global attention split into query chunks (memory bound) gives the same result."""
-    sam = _sam(OFFICIAL_SHAPED)
-    x = torch.randn(1, 3, 256, 256)
+@pytest.mark.parametrize("augment_from, budget", [(1, None), (10**9, None), (10**9, 1)],
+                         ids=["augmented", "masked", "masked-one-window-per-slab"])
+def test_encoder_bias_paths_match_reference_with_gradients(monkeypatch, augment_from, budget):
+    """Both ways of applying the relative positions (extra query/key channels; an additive mask,
+    in slabs of windows) give segment-anything's output (fp32) and gradients (float64: in fp32
+    the input gradient of this deep, random stack is too ill-conditioned to compare)."""
+    monkeypatch.setattr(fast, "_AUGMENT_FROM", augment_from)
+    if budget is not None:
+        monkeypatch.setattr(fast, "_MASK_BUDGET", budget)
+    stock = _sam(OFFICIAL_SHAPED)
+    sam = copy.deepcopy(stock)
     fast.enable_fast_path(sam, bf16=False)
+    x = torch.randn(2, 3, 256, 256)
     with torch.no_grad():
-        whole = sam.image_encoder(x)
-        monkeypatch.setattr(fast, "_MASK_BUDGET", 1)  # one query row of 16 tokens per chunk
-        chunked = sam.image_encoder(x)
-    assert _rel(chunked, whole) <= 1e-6
+        assert _rel(sam.image_encoder(x), stock.image_encoder(x)) <= 1e-5
+    grads = []
+    for model in (stock.double(), sam.double()):
+        xi = x.double().requires_grad_(True)
+        model.image_encoder(xi).square().mean().backward()
+        rel = [m.rel_pos_h.grad for m in model.image_encoder.modules() if isinstance(m, sam_enc.Attention)]
+        grads.append([xi.grad, *rel])
+    assert len(grads[0]) == 1 + OFFICIAL_SHAPED.encoder_depth
+    assert all(_rel(a, b) <= 1e-6 for a, b in zip(grads[1], grads[0]))
+
+
+def test_patch_tokens_are_contiguous():
+    sam = _sam(SAM_CONFIGS["tiny"])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        stock = sam.image_encoder.patch_embed(x)
+        fast.enable_fast_path(sam, bf16=False)
+        tokens = sam.image_encoder.patch_embed(x)
+    assert not stock.is_contiguous() and tokens.is_contiguous()
+    assert torch.equal(tokens, stock)
 
 
 def test_decoder_sdpa_matches_reference_fp32():

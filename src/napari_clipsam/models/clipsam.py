@@ -225,6 +225,7 @@ class ClipSam(nn.Module):
             x = x.permute(0, 2, 3, 1)  # (B, C, h, w) → (B, h, w, C), as segment-anything's PatchEmbed
         else:
             x, stem = enc.patch_embed(x), None
+        x = x.contiguous()  # a strided view slows every element-wise op after it (fast.FastPatchEmbed)
         if enc.pos_embed is not None:
             x = x + enc.pos_embed
         return x, stem
