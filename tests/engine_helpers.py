@@ -113,7 +113,7 @@ def _prompts(rng, scene, k, kind, m):
     return {"points": [[[px, py]]], "labels": [[1]], "boxes": [box], "masks": ((_down(prev, m) * 2 - 1) * 8)[None]}
 
 
-def train_blob_model(steps: int = 375, batch: int = 16, pool: int = 192, seed: int = 0) -> ClipSam:
+def train_blob_model(steps: int = 800, batch: int = 16, pool: int = 192, seed: int = 0) -> ClipSam:
     """Train the decoder and the semantic head (the encoders stay random and frozen, so image
     features are computed once for the pool) on blob scenes."""
     torch.manual_seed(seed)

@@ -54,10 +54,11 @@ def test_propagation_recovers_the_object_and_stops_where_it_ends():
         assert set(got) <= set(present) and len(got) >= len(present) - 2, (got, present)
         assert got == list(range(got[0], got[-1] + 1))
         per_slice = [iou(res.labels[z] > 0, labels[z] == 1) for z in got]
-        # The in-test model is small and trained here: its per-slice IoU moves with floating-point
-        # summation order (measured means 0.57-0.66 across decoder implementations on an AMD EPYC;
-        # 0.498, min 0.33, on an Intel Xeon with AMX, in fp32 and bf16 alike); random weights give ~0.
-        assert min(per_slice) >= 0.25 and np.mean(per_slice) >= 0.45, per_slice
+        # The in-test model is small and trained here. After 375 steps its per-slice IoU moved with
+        # floating-point summation order (means 0.44-0.66 across CPUs, threads and kernels; 500 /
+        # 600 steps 0.57 / 0.48). After 800 (Intel Xeon with AMX): 1 thread 0.768 (min 0.70), 2
+        # threads 0.775 (min 0.58), fp32 inference 0.735 (min 0.50). Random weights give ~0.
+        assert min(per_slice) >= 0.35 and np.mean(per_slice) >= 0.55, per_slice
         assert np.isnan(res.slice_scores[[z for z in range(len(vol)) if z not in got]]).all()
         n = len(calls)
         seg.segment_volume(vol, z=6, points=[[30, 32]])  # slice embeddings are cached
