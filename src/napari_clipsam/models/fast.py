@@ -19,9 +19,10 @@ Four pieces, all reversible and none touching a parameter:
 * **Autocast** (bf16 on CPUs with native bf16 matmuls — ``avx512_bf16`` or ``amx_bf16`` —, bf16
   or fp16 on CUDA) plus ``torch.inference_mode`` through :func:`fast_inference`.
 
-The swap is a class swap of SAM's attention and patch-embedding modules (``module.__class__``): parameters, buffers,
-``state_dict`` keys and submodules stay as they are, so checkpoints load unchanged and peft's LoRA
-wrapping ``attn.qkv`` keeps working (the fast forward calls ``self.qkv(x)``, never its weight).
+The swap is a class swap of SAM's attention and patch-embedding modules (``module.__class__``):
+parameters, buffers, ``state_dict`` keys and submodules stay as they are, so checkpoints load
+unchanged and peft's LoRA wrapping ``attn.qkv`` keeps working (the fast forward calls
+``self.qkv(x)``, never its weight).
 
 Tolerances (tests/test_fast.py; bench/run.py at vit_b size): SDPA in fp32 is the same math as
 the reference — relative difference ≤ 1e-5. Under bf16 autocast the image embedding differs from
@@ -168,10 +169,10 @@ class FastEncoderAttention(_sam_enc.Attention):
                                torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).reshape(b, nh, n, w)], dim=-1)
             keys = _key_positions(h, w, q.dtype, q.device)  # (N, h + w)
             if n >= _AUGMENT_FROM:
-                pad = v.new_zeros(b, nh, n, h + w)
-                out = F.scaled_dot_product_attention(
-                    torch.cat([q * self.scale, terms], dim=-1), torch.cat([k, keys.expand(b, nh, n, h + w)], dim=-1),
-                    torch.cat([v, pad], dim=-1), scale=1.0)[..., : v.shape[-1]]
+                q_aug = torch.cat([q * self.scale, terms], dim=-1)
+                k_aug = torch.cat([k, keys.expand(b, nh, n, h + w)], dim=-1)
+                v_aug = torch.cat([v, v.new_zeros(b, nh, n, h + w)], dim=-1)
+                out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=1.0)[..., : v.shape[-1]]
             else:
                 per_item = nh * n * n * q.element_size()
                 step = max(1, min(b, _MASK_BUDGET // max(per_item, 1)))
