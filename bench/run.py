@@ -33,7 +33,8 @@ Rows (see the issue "Fast path and benchmark suite"):
 5. two-stage text pipeline peer, same image and same regions: CLIP similarity map → boxes →
    stock ``set_image`` + ``predict`` per box, vs ours: ``set_image`` + ``segment_text``.
 6. fine-tuning step time and peak RSS (each variant in its own subprocess): LoRA (last half of the
-   blocks) with and without the frozen-prefix cache, and full fine-tuning of the image encoder.
+   blocks) with and without the frozen-prefix cache (fp32, and bf16 autocast where the CPU has
+   native bf16), and full fine-tuning of the image encoder.
 7. 3D: per-slice cost of point propagation through a volume once its slices are embedded.
 """
 
@@ -185,7 +186,7 @@ def row_embedding(models: Models, image01: np.ndarray, quick: bool, res: dict) -
     rows = res["rows"]
     rgb = to_rgb_uint8(image01)
     pred = SamPredictor(models.stock_sam)
-    rep = 1 if quick else 2
+    rep = 1 if quick else 3
     stock = timeit(lambda: pred.set_image(rgb), repeat=rep, warmup=0 if quick else 1)
     res["stock_set_image_s"] = stock["min"]
     rows.append({"row": 1, "case": "stock SamPredictor.set_image (fp32)", "size": "1024²", "s": stock, "vs_stock": 1.0})
@@ -209,7 +210,7 @@ def row_embedding(models: Models, image01: np.ndarray, quick: bool, res: dict) -
         fast.enable_fast_path(models.ssp, bf16=True)
         try:
             with fast.fast_inference(models.ssp):
-                tb = timeit(lambda: sam.image_encoder(xin), repeat=rep if native else 1, warmup=0)
+                tb = timeit(lambda: sam.image_encoder(xin), repeat=rep if native else 1, warmup=1 if native and not quick else 0)
                 emb_bf16 = sam.image_encoder(xin)
             acc = mask_agreement(sam, ref, emb_bf16)
         finally:
@@ -518,6 +519,7 @@ TRAIN_VARIANTS = {  # "blocks": LoRA's blocks (LoraSettings.blocks; "half" is th
     "full fine-tuning": {"lora": False, "cache": False, "blocks": None},
     # what FineTuneConfig(autocast=None) does on CPUs with native bf16 (run only there)
     "lora+cache, bf16 autocast": {"lora": True, "cache": True, "blocks": "half", "autocast": True},
+    "lora, no cache, bf16 autocast": {"lora": True, "cache": False, "blocks": "half", "autocast": True},
 }
 
 
@@ -609,7 +611,7 @@ def train_child(spec: dict) -> dict:
 def row_finetune(quick: bool, threads: int, res: dict) -> None:
     size = 512 if quick else 1024
     steps = 2 if quick else 3
-    base: dict = {}  # LoRA blocks → step time of LoRA on them without the cache
+    base: dict = {}  # (LoRA blocks, autocast) → step time of LoRA on them without the cache
     for name, v in TRAIN_VARIANTS.items():
         if v.get("autocast") and not fast.cpu_has_fast_bf16():
             res["rows"].append({"row": 6, "case": f"fine-tune step, {name}", "size": f"{size}²", "s": None,
@@ -624,15 +626,15 @@ def row_finetune(quick: bool, threads: int, res: dict) -> None:
             continue
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         if v["lora"] and not v["cache"]:
-            base[v["blocks"]] = out["step_s"]["min"]
+            base[v["blocks"], bool(v.get("autocast"))] = out["step_s"]["min"]
         res["rows"].append({"row": 6, "case": f"fine-tune step, {name}", "size": f"{size}²", "s": out["step_s"],
-                            "blocks": v["blocks"],
+                            "blocks": v["blocks"], "autocast": bool(v.get("autocast")),
                             "peak_rss_mib": round(out["peak_rss_mib"]),
                             "note": f"{out['trainable'] / 1e6:.2f}M trainable, peak RSS {out['peak_rss_mib']:.0f} MiB "
                                     f"(after build {out['rss_after_build_mib']:.0f}), LoRA via {out['lora_via']}, "
                                     f"{out['cached_blocks']} cached blocks"})
-    for r in res["rows"]:  # against LoRA on the same blocks without the cache (full: the default LoRA)
-        ref = base.get(r.get("blocks") or "half")
+    for r in res["rows"]:  # against LoRA on the same blocks and precision without the cache (full: the default LoRA)
+        ref = base.get((r.get("blocks") or "half", bool(r.get("autocast"))))
         if r["row"] == 6 and r.get("s") and ref:
             r["vs_lora_no_cache"] = r["s"]["min"] / ref
 
