@@ -89,7 +89,11 @@ def timeit(fn, repeat: int = 3, warmup: int = 1) -> dict:
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)
-    return {"min": min(ts), "median": statistics.median(ts), "n": repeat}
+    return _summary(ts)
+
+
+def _summary(ts: list[float]) -> dict:
+    return {"min": min(ts), "median": statistics.median(ts), "n": len(ts)}
 
 
 def timeit_pair(fa, fb, repeat: int = 3, warmup: int = 1) -> tuple[dict, dict]:
@@ -103,7 +107,15 @@ def timeit_pair(fa, fb, repeat: int = 3, warmup: int = 1) -> tuple[dict, dict]:
             t = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t)
-    return tuple({"min": min(ts), "median": statistics.median(ts), "n": repeat} for ts in (ta, tb))
+    return _summary(ta), _summary(tb)
+
+
+def full_encode(model: ClipSam, x: torch.Tensor):
+    """A call that runs ``model.encode`` on ``x`` with the text ``TEXT`` on the fast path (to time)."""
+    def run():
+        with fast.fast_inference(model):
+            model.encode(x, [TEXT])
+    return run
 
 
 def machine_info(threads: int) -> dict:
@@ -237,10 +249,7 @@ def row_embedding(models: Models, image01: np.ndarray, quick: bool, res: dict) -
 
     full = {}
     for name, m in models.by_strategy.items():
-        def enc(m=m):
-            with fast.fast_inference(m):
-                m.encode(x, [TEXT])
-        t = timeit(enc, repeat=1 if quick else 2, warmup=0 if quick else 1)
+        t = timeit(full_encode(m, x), repeat=1 if quick else 2, warmup=0 if quick else 1)
         full[name] = t["min"]
         rows.append({"row": 1, "case": f"ours: encode (SAM + CLIP + text), {name}", "size": "1024²", "s": t,
                      "vs_stock": t["min"] / stock["min"]})
@@ -300,10 +309,7 @@ def row_embedding_512(quick: bool, res: dict) -> None:
                      "note": f"rel L2 {rel_l2(emb, ref):.4f}, mask IoU min {acc['min']:.3f}"})
         fast.enable_fast_path(m512.ssp)
     for name, m in m512.by_strategy.items():
-        def enc(m=m):
-            with fast.fast_inference(m):
-                m.encode(x, [TEXT])
-        t = timeit(enc, repeat=1 if quick else 2, warmup=1)
+        t = timeit(full_encode(m, x), repeat=1 if quick else 2, warmup=1)
         rows.append({"row": 1, "case": f"ours: encode, {name}", "size": "512²", "s": t,
                      "vs_stock": t["min"] / stock_s if stock_s else None})
 
@@ -367,13 +373,9 @@ def row_new_text(models: Models, image01: np.ndarray, quick: bool, res: dict) ->
             with fast.fast_inference(m):
                 m.condition(feats, [f"cell type {next(counter)}"])  # never-seen text: CLIP text tower runs
 
-        def enc(m=m):
-            with fast.fast_inference(m):
-                m.encode(x, [TEXT])
-
         # The reference full encode is timed here, alternating with the re-query: on a noisy
         # machine row 1's encode, minutes earlier, can run at another speed.
-        t_full, t = timeit_pair(enc, cond, repeat=2 if quick else 3)
+        t_full, t = timeit_pair(full_encode(m, x), cond, repeat=2 if quick else 3)
         rows.append({"row": 3, "case": f"new text on embedded image, {name}", "size": "1024²", "s": t,
                      "vs_full_embedding": t["min"] / t_full["min"],
                      "note": f"full encode timed alongside: {t_full['min']:.2f} s"
