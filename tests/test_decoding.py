@@ -119,3 +119,67 @@ def test_bf16_decoding_agrees_with_fp32():
     assert len(enc.sides) == 2  # one side per compute dtype
     a, b = ref > 0, low > 0
     assert (a & b).sum() / (a | b).sum() >= 0.98
+
+
+def _windowed_equal_inside_and_outside_filled(m, enc, p, windows):
+    from napari_clipsam.models.decoding import OUTSIDE
+
+    full, iou = m.decode(enc, p, multimask=True)
+    part, part_iou = m.decode(enc, p, multimask=True, windows=windows)
+    f = m.mask_size // m.embed_size
+    for i, (y0, x0, y1, x1) in enumerate(windows.tolist()):
+        ty0, tx0, ty1, tx1 = y0 // f * f, x0 // f * f, -(-y1 // f) * f, -(-x1 // f) * f  # rounded out to tokens
+        inside = torch.zeros(full.shape[2:], dtype=torch.bool)
+        inside[ty0:ty1, tx0:tx1] = True
+        assert inside.sum() < inside.numel()
+        torch.testing.assert_close(part[i][:, inside], full[i][:, inside], rtol=1e-5, atol=1e-5)
+        assert (part[i][:, ~inside] == OUTSIDE).all()
+    torch.testing.assert_close(part_iou, iou)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_decode_windows_give_the_full_logits_inside_and_outside_elsewhere(skip):
+    """segment_text upscales each seed's mask only near its region: inside a window (rounded out
+    to the token grid) the logits are the whole-grid ones, outside they are OUTSIDE — for the
+    stock head (run on the window's tokens only) and for a stem-skip head (run whole, filled)."""
+    if skip:
+        from test_stem_skip import _model as skip_model
+
+        m, size = skip_model(), 64
+    else:
+        m, size = _model(), 64
+    torch.manual_seed(3)
+    p = Prompts(torch.tensor([0, 0, 1]), points=torch.rand(3, 1, 2) * 60, labels=torch.ones(3, 1))
+    windows = torch.tensor([[0, 0, 5, 7], [3, 2, 9, 16], [6, 1, 16, 3]])  # mask pixels (16² grid)
+    with torch.inference_mode():
+        enc = m.encode(torch.rand(2, 3, size, size), ["nucleus", "cell"])
+        assert m.mask_size == 16
+        _windowed_equal_inside_and_outside_filled(m, enc, p, windows)
+        groups = [p[0:2], p[2:3]]  # a list of prompt groups splits the windows alike
+        a, _ = m.decode(enc, groups, windows=windows)
+        b, _ = m.decode(enc, p, windows=windows)
+        torch.testing.assert_close(a, b)
+
+
+def test_decode_rejects_bad_windows():
+    m = _model()
+    p = Prompts(torch.zeros(2), points=torch.rand(2, 1, 2) * 60, labels=torch.ones(2, 1))
+    with torch.inference_mode():
+        enc = m.encode(torch.rand(1, 3, 64, 64), ["nucleus"])
+        for bad, msg in [(torch.zeros(2, 3, dtype=torch.long), "integer boxes"),
+                         (torch.zeros(2, 4), "integer boxes"),
+                         (torch.tensor([[0, 0, 4, 4], [2, 2, 2, 5]]), "non-empty"),
+                         (torch.tensor([[0, 0, 4, 4], [0, 0, 17, 4]]), "inside the 16×16")]:
+            with pytest.raises(ValueError, match=msg):
+                m.decode(enc, p, windows=bad)
+        with pytest.raises(ValueError, match="3 boxes for 2 prompts"):
+            m.decode(enc, [p[0:1], p[1:2]], windows=torch.zeros(3, 4, dtype=torch.long))
+
+
+def test_bounding_windows():
+    from napari_clipsam.engine.text_instances import bounding_windows
+
+    masks = torch.zeros(3, 8, 10, dtype=torch.bool)
+    masks[0, 2:5, 3:4] = True
+    masks[1, 7, 9] = True
+    assert bounding_windows(masks).tolist() == [[2, 3, 5, 4], [7, 9, 8, 10], [0, 0, 8, 10]]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..models.clipsam import ClipSam, Encoded, Prompts
 from ..models.conditioning import grid_seeds, pseudo_prompts
+from ..models.decoding import OUTSIDE
 from ..models.fast import fast_inference
 from .instances import (MIN_AREA, MIN_SCORE, MIN_SUPPORT, NMS_IOU, REGION_MARGIN, TEXT_THRESHOLD, Instances,
                         consensus_nms, mask_nms, paint_labels)
@@ -40,6 +41,19 @@ def grow(masks: np.ndarray, margin: float) -> np.ndarray:
         r = max(2, int(round(margin * 2 * np.sqrt(m.sum() / np.pi))))
         out[i] = ndimage.binary_dilation(m, ndimage.generate_binary_structure(2, 1), iterations=r)
     return out
+
+
+def bounding_windows(masks: torch.Tensor) -> torch.Tensor:
+    """(N, h, w) boolean masks → (N, 4) int64 boxes (y0, x0, y1, x1), end exclusive (an empty
+    mask gets the whole grid)."""
+    n, h, w = masks.shape
+    rows, cols = masks.any(2), masks.any(1)
+    y0, x0 = rows.int().argmax(1), cols.int().argmax(1)
+    y1, x1 = h - rows.flip(1).int().argmax(1), w - cols.flip(1).int().argmax(1)
+    empty = ~rows.any(1)
+    boxes = torch.stack([y0, x0, y1, x1], 1).long()
+    boxes[empty] = torch.tensor([0, 0, h, w])
+    return boxes
 
 
 def view_instances(model: ClipSam, enc: Encoded, frame: Frame, threshold: float = TEXT_THRESHOLD,
@@ -83,15 +97,17 @@ def view_instances(model: ClipSam, enc: Encoded, frame: Frame, threshold: float 
         prompts = Prompts(torch.zeros(n), points=torch.from_numpy(pp.points * r - 0.5)[:, None],
                           labels=torch.ones(n, 1), masks=fraction_to_logits(region))
         near = torch.from_numpy(grow(pp.areas, region_margin))[:, None]
+    # Each instance stays near its area: a decoder that wanders onto other objects of the same
+    # concept would otherwise return their union for every prompt. So only the masks' parts
+    # near their regions are upscaled (the mask head's cost), and the rest is cleared.
+    windows = bounding_windows(near[:, 0])
     low_masks, iou = [], []
     emb = enc.embeddings
     chunk = max(1, min(DECODE_CHUNK, DECODE_ELEMENTS // (emb.shape[1] * emb.shape[2] * emb.shape[3])))
     for c in range(0, n, chunk):
         with fast_inference(model):
-            lm, sc = model.decode(enc, prompts[c : c + chunk])
-            # Each instance stays near its area: a decoder that wanders onto other objects of
-            # the same concept would otherwise return their union for every prompt.
-            low_masks.append(lm.masked_fill(~near[c : c + chunk].to(lm.device), -1e4))
+            lm, sc = model.decode(enc, prompts[c : c + chunk], windows=windows[c : c + chunk])
+            low_masks.append(lm.masked_fill(~near[c : c + chunk].to(lm.device), OUTSIDE))
             iou.append(sc[:, 0].clamp(0, 1))
         if report:
             report(min(n, c + chunk), n, "segment_text")
@@ -132,4 +148,4 @@ def view_labels(model: ClipSam, enc: Encoded, frame: Frame) -> np.ndarray:
     return to_labels(inst, frame.original)[0]
 
 
-__all__ = ["DECODE_CHUNK", "DECODE_ELEMENTS", "grow", "to_labels", "view_instances", "view_labels"]
+__all__ = ["DECODE_CHUNK", "DECODE_ELEMENTS", "bounding_windows", "grow", "to_labels", "view_instances", "view_labels"]

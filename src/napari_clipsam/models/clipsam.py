@@ -301,20 +301,32 @@ class ClipSam(nn.Module):
         return self.condition(self.embed_image(images), texts)
 
     # ---- decoder ------------------------------------------------------------------------------
-    def decode(self, enc: Encoded, prompts: Prompts | Sequence[Prompts],
-               multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, enc: Encoded, prompts: Prompts | Sequence[Prompts], multimask: bool = False,
+               windows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks for prompts → (low-res logits (N, M, 4h, 4w), predicted IoU (N, M)).
 
         M = 3 with ``multimask`` else 1. Each prompt is decoded against its own row's embedding
         (unlike segment-anything's ``predict_masks``, which repeats every embedding per prompt).
         A list of :class:`Prompts` (different point counts) is decoded group by group and
         concatenated in order.
+
+        ``windows`` (N, 4) integer boxes (y0, x0, y1, x1), end exclusive, in low-res mask pixels:
+        where only part of each mask is wanted (``segment_text`` keeps each instance near its
+        region). A prompt's logits are then exact inside its box rounded out to the 4-pixel
+        token grid and :data:`~napari_clipsam.models.decoding.OUTSIDE` elsewhere; the mask head
+        runs on those tokens only (segment-anything's stock head; see
+        :func:`~napari_clipsam.models.decoding.upscale_masks`). The predicted IoU is unchanged.
         """
         if not isinstance(prompts, Prompts):
-            outs = [self.decode(enc, p, multimask) for p in prompts]
+            sizes = [len(p) for p in prompts]
+            if windows is not None and len(windows) != sum(sizes):
+                raise ValueError(f"windows: {len(windows)} boxes for {sum(sizes)} prompts")
+            parts = [None] * len(sizes) if windows is None else torch.split(windows, sizes)
+            outs = [self.decode(enc, p, multimask, w) for p, w in zip(prompts, parts)]
             return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
         p = prompts.to(self.device)
         n = len(p)
+        tokens_box = None if windows is None else self._token_windows(windows, n)
         b = enc.embeddings.shape[0]
         if n and (int(p.image_index.min()) < 0 or int(p.image_index.max()) >= b):
             raise ValueError(f"prompt image_index out of range for {b} encoded images")
@@ -346,7 +358,7 @@ class ClipSam(nn.Module):
             if dense_of == "prompt" or torch.is_grad_enabled() or n == 0:  # one image side per prompt
                 side = image_side(md.transformer, enc.embeddings[p.image_index] + dense, pe.get_dense_pe(), dtype)
                 hs, src = two_way(md.transformer, side, tokens[:, None])
-                return self._masks_from(hs, src, multimask, stem)
+                return self._masks_from(hs, src, multimask, stem, tokens_box)
             # The dense input is the same for every prompt of a row: its image side is computed
             # once per row (and kept in enc.sides), then all prompts of the row run on it together.
             hs = torch.empty(n, *tokens.shape[1:], device=tokens.device)
@@ -365,19 +377,34 @@ class ClipSam(nn.Module):
             src = torch.cat(src)
             if len(order) > 1:
                 src = src[torch.argsort(torch.cat(order))]
-            return self._masks_from(hs, src, multimask, stem)
+            return self._masks_from(hs, src, multimask, stem, tokens_box)
+
+    def _token_windows(self, windows: torch.Tensor, n: int) -> torch.Tensor:
+        """``decode``'s mask-pixel windows (n, 4) → token boxes rounded outwards."""
+        windows = torch.as_tensor(windows)
+        m, f = self.mask_size, self.mask_size // self.embed_size
+        if windows.shape != (n, 4) or windows.dtype.is_floating_point:
+            raise ValueError(f"windows must be ({n}, 4) integer boxes (y0, x0, y1, x1), got "
+                             f"{tuple(windows.shape)} {windows.dtype}")
+        y0, x0, y1, x1 = windows.long().unbind(1)
+        if bool(((y0 < 0) | (x0 < 0) | (y1 > m) | (x1 > m) | (y1 <= y0) | (x1 <= x0)).any()):
+            raise ValueError(f"windows must be non-empty boxes inside the {m}×{m} mask grid")
+        return torch.stack([y0 // f, x0 // f, -(-y1 // f), -(-x1 // f)], 1)
 
     def _masks_from(self, hs: torch.Tensor, src: torch.Tensor, multimask: bool,
-                    stem: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    stem: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    windows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder tokens (N, T, C), image tokens (N, HW, C) and, with a stem skip, (stem features
-        (B, Cs, 4h, 4w), each prompt's row of them (N,)) → (mask logits, predicted IoU)."""
+        (B, Cs, 4h, 4w), each prompt's row of them (N,)) → (mask logits, predicted IoU); with
+        ``windows`` (N, 4) token boxes, logits only inside them (see ``upscale_masks``)."""
         md = self.sam.mask_decoder
         mask_out = hs[:, 1 : 1 + md.num_mask_tokens]
         sel = slice(1, None) if multimask else slice(0, 1)
         idx = range(md.num_mask_tokens)[sel]
         hyper = torch.stack([md.output_hypernetworks_mlps[i](mask_out[:, i]) for i in idx], dim=1)
         skip, (stem, index) = getattr(md, "stem_skip", None), stem or (None, None)
-        masks = upscale_masks(md.output_upscaling, src, hyper, self.embed_size, self.embed_size, skip, stem, index)
+        masks = upscale_masks(md.output_upscaling, src, hyper, self.embed_size, self.embed_size, skip, stem, index,
+                              windows)
         iou = md.iou_prediction_head(hs[:, 0])[:, sel]
         return masks.float(), iou.float()  # fp32 whatever autocast computed in (NumPy has no bf16)
 

@@ -163,38 +163,88 @@ def _convt2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], 2, 2, w.shape[-1])
 
 
+#: Logit given outside a prompt's window by :func:`upscale_masks` (and ``ClipSam.decode``).
+OUTSIDE = -1e4
+
+
+def _stock_features(up: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """segment-anything's stock upscaling of channels-last tokens x (n, h, w, C) → features
+    (n, h, w, 2, 2, 2, 2, C/8): each 2×2 transposed convolution is one matrix product, the
+    channel LayerNorm a ``layer_norm`` over the last axis (same math; token by token)."""
+    x = _convt2(x, up[0])  # (n, h, w, 2, 2, C/4)
+    x = F.gelu(F.layer_norm(x, x.shape[-1:], up[1].weight.to(x.dtype), up[1].bias.to(x.dtype), up[1].eps))
+    return F.gelu(_convt2(x, up[3]))
+
+
+def _as_image(x: torch.Tensor) -> torch.Tensor:
+    """(n, h, w, 2, 2, 2, 2, K) per-token pixels → (n, K, 4h, 4w): y = 4i + 2a + a', x = 4j + 2b + b'."""
+    n, h, w, k = x.shape[0], x.shape[1], x.shape[2], x.shape[-1]
+    return x.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, k, 4 * h, 4 * w)
+
+
+def _stock_head(up: nn.Sequential, x: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+    """The stock head on tokens x (n, h, w, C) with hypernetwork outputs (n, M, C/8) → mask
+    logits (n, M, 4h, 4w); only the final one-channel masks are rearranged into images."""
+    f = _stock_features(up, x)
+    masks = f.reshape(f.shape[0], -1, f.shape[-1]) @ hyper.transpose(1, 2).to(f.dtype)  # (n, h·w·16, M)
+    return _as_image(masks.reshape(*f.shape[:-1], hyper.shape[1]))
+
+
+def _check_windows(windows: torch.Tensor, n: int, h: int, w: int) -> list[list[int]]:
+    if windows.shape != (n, 4) or windows.dtype.is_floating_point:
+        raise ValueError(f"windows must be ({n}, 4) integer token boxes (y0, x0, y1, x1), got "
+                         f"{tuple(windows.shape)} {windows.dtype}")
+    boxes = windows.tolist()
+    for y0, x0, y1, x1 in boxes:
+        if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
+            raise ValueError(f"window {(y0, x0, y1, x1)} is empty or outside the {h}×{w} token grid")
+    return boxes
+
+
 def upscale_masks(up: nn.Sequential, src: torch.Tensor, hyper: torch.Tensor, h: int, w: int,
                   skip: nn.Module | None = None, stem: torch.Tensor | None = None,
-                  index: torch.Tensor | None = None) -> torch.Tensor:
+                  index: torch.Tensor | None = None, windows: torch.Tensor | None = None) -> torch.Tensor:
     """SAM's mask head: image tokens (n, h·w, C) through ``output_upscaling`` (4× finer), dotted
     with hypernetwork outputs (n, M, C/8) → mask logits (n, M, 4h, 4w). With ``skip`` (a
     :class:`~napari_clipsam.models.stem_skip.StemSkip`), the upscaled features are first
     refined with the stem features ``stem`` (B, Cs, 4h, 4w) of the prompts' images (``index``
     (n,): each prompt's row of ``stem``), in the image tokens' dtype.
 
-    segment-anything's stock head is computed on channels-last pixels: each 2×2 transposed
-    convolution is one matrix product, the channel LayerNorm a ``layer_norm`` over the last axis,
-    and only the final one-channel masks are rearranged into images (same math; other heads go
-    through their modules).
+    ``windows`` (n, 4) integer boxes (y0, x0, y1, x1) on the h × w token grid (end exclusive):
+    each prompt's logits are only wanted inside its box (pixels 4·y0 to 4·y1 and 4·x0 to 4·x1)
+    and are :data:`OUTSIDE` elsewhere. segment-anything's stock head works token by token (each
+    token becomes its own 4 × 4 pixels), so it then runs on the boxes' tokens only, with the
+    values it would give there; other heads (a stem skip's 3 × 3 convolutions reach across
+    tokens) run on the whole grid and are filled outside the boxes. The stock head runs on
+    channels-last pixels (:func:`_stock_head`: same math); other heads go through their modules.
     """
     n, m = src.shape[0], hyper.shape[1]
     if (skip is None) != (stem is None) or (stem is None) != (index is None):
         raise ValueError("upscale_masks: give the stem skip, its stem features and their index together")
-    if not _is_stock_upscaling(up):
-        x = up(src.transpose(1, 2).reshape(n, -1, h, w))
+    boxes = None if windows is None else _check_windows(windows, n, h, w)
+    stock = _is_stock_upscaling(up)
+    if stock and skip is None:
+        tokens = src.reshape(n, h, w, -1)
+        if boxes is None:
+            return _stock_head(up, tokens, hyper)
+        out = src.new_full((n, m, 4 * h, 4 * w), OUTSIDE)
+        for i, (y0, x0, y1, x1) in enumerate(boxes):
+            out[i, :, 4 * y0 : 4 * y1, 4 * x0 : 4 * x1] = _stock_head(up, tokens[i : i + 1, y0:y1, x0:x1], hyper[i : i + 1])[0]
+        return out
+    if stock:
+        x = _as_image(_stock_features(up, src.reshape(n, h, w, -1)))
     else:
-        x = _convt2(src.reshape(n, h, w, -1), up[0])  # (n, h, w, 2, 2, C/4)
-        x = F.gelu(F.layer_norm(x, x.shape[-1:], up[1].weight.to(x.dtype), up[1].bias.to(x.dtype), up[1].eps))
-        x = F.gelu(_convt2(x, up[3]))  # (n, h, w, 2, 2, 2, 2, C/8)
-        if skip is None:
-            masks = x.reshape(n, -1, x.shape[-1]) @ hyper.transpose(1, 2).to(x.dtype)  # (n, h·w·16, M)
-            masks = masks.reshape(n, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)  # y = 4i + 2a + a', x = 4j + 2b + b'
-            return masks.reshape(n, m, 4 * h, 4 * w)
-        x = x.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, -1, 4 * h, 4 * w)
+        x = up(src.transpose(1, 2).reshape(n, -1, h, w))
     if skip is not None:  # in the image side's dtype (bf16/fp16 under the fast path and in training)
         with torch.autocast(x.device.type, dtype=x.dtype, enabled=x.dtype in (torch.bfloat16, torch.float16)):
             x = skip(x, stem.to(x.dtype), index)
-    return (hyper.to(x.dtype) @ x.flatten(2)).reshape(n, m, x.shape[2], x.shape[3])
+    masks = (hyper.to(x.dtype) @ x.flatten(2)).reshape(n, m, x.shape[2], x.shape[3])
+    if boxes is not None:
+        keep = torch.zeros(n, 1, 4 * h, 4 * w, dtype=torch.bool, device=masks.device)
+        for i, (y0, x0, y1, x1) in enumerate(boxes):
+            keep[i, :, 4 * y0 : 4 * y1, 4 * x0 : 4 * x1] = True
+        masks = masks.masked_fill(~keep, OUTSIDE)
+    return masks
 
 
-__all__ = ["ImageSide", "image_side", "two_way", "upscale_masks"]
+__all__ = ["OUTSIDE", "ImageSide", "image_side", "two_way", "upscale_masks"]
