@@ -43,6 +43,41 @@ def test_two_way_and_mask_head_equal_segment_anything(decoder):
             torch.testing.assert_close(masks[i], ref_masks[0], rtol=1e-5, atol=1e-5)
 
 
+class _Wrapped(torch.nn.Module):  # a projection that is not a plain Linear (as a LoRA wrapper is)
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_later_blocks_fuse_their_projections_unless_wrapped(decoder):
+    """Later blocks run their image-side projections as one product with the positional
+    encoding's share precomputed; a wrapped projection falls back to module calls, same values."""
+    torch.manual_seed(4)
+    tr, c = decoder.transformer, decoder.transformer_dim
+    emb, pos, tokens = torch.randn(1, c, 4, 4), torch.randn(1, c, 4, 4), torch.randn(1, 2, 5, c)
+    a = tr.layers[1].cross_attn_token_to_image
+    with torch.no_grad():
+        side = image_side(tr, emb, pos)
+        assert side.later is not None and len(side.later) == len(tr.layers)
+        fused = two_way(tr, side, tokens)
+        plain = a.k_proj
+        a.k_proj = _Wrapped(plain)
+        try:
+            side = image_side(tr, emb, pos)
+            assert side.later is None
+            unfused = two_way(tr, side, tokens)
+        finally:
+            a.k_proj = plain
+        for j in range(2):
+            ref_hs, ref_src = tr(emb, pos, tokens[0, j][None])
+            for hs, src in (fused, unfused):
+                torch.testing.assert_close(hs[j], ref_hs[0], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(src[j], ref_src[0], rtol=1e-5, atol=1e-5)
+
+
 def test_two_way_rejects_a_transformer_that_is_not_sams(decoder):
     tr = decoder.transformer
     block = tr.layers[0]

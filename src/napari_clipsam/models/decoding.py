@@ -6,7 +6,9 @@ dense input (the image embedding plus the "no mask" embedding), so the first blo
 of the image tokens — the keys and values the prompt tokens attend to, and the queries with which
 the image tokens attend back — do not depend on the prompt. :func:`image_side` computes them per
 image; :class:`~napari_clipsam.models.clipsam.ClipSam` keeps them on the ``Encoded`` rows, so a
-click (or each chunk of ``segment_text``'s seeds) starts from them.
+click (or each chunk of ``segment_text``'s seeds) starts from them. Later blocks' image tokens
+depend on the prompt, but their positional encoding does not: its share of each projection is
+computed once too, and each later block projects its image tokens in one matrix product.
 
 Prompts on one image share those tensors without copies: the first block's token→image attention
 runs all prompts' tokens as one query sequence (attention rows are independent), and the
@@ -27,11 +29,15 @@ from torch import nn
 
 @dataclass
 class ImageSide:
-    """The prompt-independent part of the first two-way block for R image rows.
+    """The prompt-independent part of the two-way transformer for R image rows.
 
     keys: (R, HW, C) image tokens (embedding + dense prompt); pe: (1, HW, C) positional
-    encoding (both contiguous); k, v: (R, heads, HW, d) token→image keys and values; q: (R, heads, HW, d)
-    image→token queries.
+    encoding (both contiguous); k, v: (R, heads, HW, d) the first block's token→image keys and
+    values; q: (R, heads, HW, d) its image→token queries. later: for each later block and then
+    the final attention, its image-side projections as one product — (1, C, 3d) weights of
+    [token→image k, v; image→token q] (final: [k, v], (1, C, 2d)) and (1, HW, 3d or 2d) the
+    biases plus the positional encoding's share (``(keys + pe) W + b = keys W + (pe W + b)``);
+    None where a projection is not a plain ``nn.Linear`` (e.g. LoRA-wrapped).
     """
 
     keys: torch.Tensor
@@ -39,6 +45,7 @@ class ImageSide:
     k: torch.Tensor
     v: torch.Tensor
     q: torch.Tensor
+    later: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -83,7 +90,25 @@ def image_side(tr: TwoWayTransformer, src: torch.Tensor, pos: torch.Tensor,
     with_pe = keys + pe
     t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token
     return ImageSide(keys, pe, _heads(_lin(t2i.k_proj, with_pe), t2i.num_heads),
-                     _heads(_lin(t2i.v_proj, keys), t2i.num_heads), _heads(_lin(i2t.q_proj, with_pe), i2t.num_heads))
+                     _heads(_lin(t2i.v_proj, keys), t2i.num_heads), _heads(_lin(i2t.q_proj, with_pe), i2t.num_heads),
+                     _later_projections(tr, pe))
+
+
+def _later_projections(tr: TwoWayTransformer, pe: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """:attr:`ImageSide.later` for positional encoding ``pe`` (1, HW, C) in its dtype."""
+    blocks = [(b.cross_attn_token_to_image, b.cross_attn_image_to_token) for b in list(tr.layers)[1:]]
+    groups = [[(a.k_proj, True), (a.v_proj, False), (b.q_proj, True)] for a, b in blocks]
+    a = tr.final_attn_token_to_image
+    groups.append([(a.k_proj, True), (a.v_proj, False)])
+    if any(type(mod) is not nn.Linear or mod.bias is None for g in groups for mod, _ in g):
+        return None
+    out = []
+    for g in groups:
+        w = torch.cat([mod.weight for mod, _ in g]).to(pe.dtype)  # (3d or 2d, C)
+        bias = torch.cat([F.linear(pe, mod.weight.to(pe.dtype), mod.bias.to(pe.dtype)) if with_pe
+                          else mod.bias.to(pe.dtype).expand_as(pe[..., : mod.out_features]) for mod, with_pe in g], dim=-1)
+        out.append((w.t()[None], bias))
+    return out
 
 
 def _image_to_tokens(a, q: torch.Tensor, queries: torch.Tensor, qpe: torch.Tensor) -> torch.Tensor:
@@ -134,18 +159,32 @@ def two_way(tr: TwoWayTransformer, side: ImageSide, tokens: torch.Tensor) -> tup
     keys = _norm(block.norm4, (side.keys[:, None] + attn.reshape(r, m, hw, c)).reshape(n, hw, c))
 
     pe = side.pe
-    for block in list(tr.layers)[1:]:  # per prompt from here on (slicing a ModuleList builds a module)
+    later = side.later or [None] * len(tr.layers)
+    for block, fused in zip(list(tr.layers)[1:], later):  # per prompt from here on
         queries = block.norm1(queries + block.self_attn(q=queries + qpe, k=queries + qpe, v=queries))
-        with_pe = keys + pe
-        a = block.cross_attn_token_to_image
-        kv = _heads(_lin(a.k_proj, with_pe), a.num_heads), _heads(_lin(a.v_proj, keys), a.num_heads)
-        queries = block.norm2(queries + _tokens_to_image(a, queries + qpe, *kv))
+        a, b = block.cross_attn_token_to_image, block.cross_attn_image_to_token
+        if fused is None:
+            with_pe = keys + pe
+            k, v, q = _lin(a.k_proj, with_pe), _lin(a.v_proj, keys), _lin(b.q_proj, with_pe)
+        else:
+            k, v, q = _projected(keys, fused, 3)
+        queries = block.norm2(queries + _tokens_to_image(a, queries + qpe, _heads(k, a.num_heads), _heads(v, a.num_heads)))
         queries = block.norm3(queries + block.mlp(queries))
-        a = block.cross_attn_image_to_token
-        keys = _norm(block.norm4, keys + _image_to_tokens(a, _heads(_lin(a.q_proj, with_pe), a.num_heads), queries, qpe))
+        keys = _norm(block.norm4, keys + _image_to_tokens(b, _heads(q, b.num_heads), queries, qpe))
     a = tr.final_attn_token_to_image
-    kv = _heads(_lin(a.k_proj, keys + pe), a.num_heads), _heads(_lin(a.v_proj, keys), a.num_heads)
-    return tr.norm_final_attn(queries + _tokens_to_image(a, queries + qpe, *kv)), keys
+    if side.later is None:
+        k, v = _lin(a.k_proj, keys + pe), _lin(a.v_proj, keys)
+    else:
+        k, v = _projected(keys, side.later[-1], 2)
+    return tr.norm_final_attn(queries + _tokens_to_image(a, queries + qpe, _heads(k, a.num_heads), _heads(v, a.num_heads))), keys
+
+
+def _projected(keys: torch.Tensor, fused: tuple[torch.Tensor, torch.Tensor], parts: int) -> list[torch.Tensor]:
+    """Image tokens (n, HW, C) through one of :attr:`ImageSide.later`'s fused projections → its
+    ``parts`` outputs (views of one (n, HW, parts·d) product)."""
+    w, bias = fused
+    y = torch.baddbmm(bias, keys, w.expand(keys.shape[0], -1, -1))
+    return list(y.chunk(parts, dim=-1))
 
 
 def _is_stock_upscaling(up: nn.Sequential) -> bool:
