@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from engine_helpers import ball_volume, blob_model, iou
+from engine_helpers import iou
 
+from napari_clipsam.data.synthetic import make_volume
 from napari_clipsam.engine.segmenter import Segmenter
 from napari_clipsam.engine.volume import NormalizedVolume, ZLinker, mask_prompts
+from napari_clipsam.evaluation import interior_point
 from napari_clipsam.models.clipsam import ClipSam, tiny_config
-
-BALLS = ((6, 32, 30, 12.0, 3.5), (3, 12, 52, 7.0, 2.5))  # ball 1: slices 3..9, ball 2: slices 1..5
 
 
 def test_volume_inputs_normalisation_and_errors():
@@ -37,46 +37,60 @@ def test_volume_inputs_normalisation_and_errors():
     assert point.tolist() == [[7, 7]] and box[0] <= 5 and box[2] >= 10
 
 
-@pytest.mark.slow
-def test_propagation_recovers_the_object_and_stops_where_it_ends():
-    model = blob_model()
-    calls = []
-    hook = model.sam.image_encoder.patch_embed.register_forward_hook(lambda *a: calls.append(1))
-    try:
-        seg = Segmenter(model, progress=lambda *a: None)
-        vol, labels = ball_volume(np.random.default_rng(3), balls=BALLS)
-        res = seg.segment_volume(vol, z=6, points=[[30, 32]])
-        present = [z for z in range(len(vol)) if (labels[z] == 1).any()]
-        got = [z for z in range(len(vol)) if res.labels[z].any()]
-        assert set(res.labels.ravel()) <= {0, 1}
-        # Nothing beyond its ends; found in the slices where it exists (the two end caps, at 15 %
-        # of the largest section, may be missed by this tiny model).
-        assert set(got) <= set(present) and len(got) >= len(present) - 2, (got, present)
-        assert got == list(range(got[0], got[-1] + 1))
-        per_slice = [iou(res.labels[z] > 0, labels[z] == 1) for z in got]
-        # The in-test model is small and trained here. After 375 steps its per-slice IoU moved with
-        # floating-point summation order (means 0.44-0.66 across CPUs, threads and kernels; 500 /
-        # 600 steps 0.57 / 0.48). After 800 (Intel Xeon with AMX): 1 thread 0.768 (min 0.70), 2
-        # threads 0.775 (min 0.58), fp32 inference 0.735 (min 0.50). Random weights give ~0.
-        assert min(per_slice) >= 0.35 and np.mean(per_slice) >= 0.55, per_slice
-        assert np.isnan(res.slice_scores[[z for z in range(len(vol)) if z not in got]]).all()
-        n = len(calls)
-        seg.segment_volume(vol, z=6, points=[[30, 32]])  # slice embeddings are cached
-        assert len(calls) == n
-    finally:
-        hook.remove()
-
-
-def test_text_only_volume_has_consistent_ids_across_z():
-    """With the demo model: a nucleus found in several slices keeps one id through them (across a
-    slice where it was missed, too), and different nuclei get different ids."""
-    from napari_clipsam.data.synthetic import make_volume
+@pytest.fixture(scope="module")
+def demo():
     from napari_clipsam.models.registry import load_model, model_status
 
     if model_status("demo") == "not built":
         pytest.skip("demo model file not built")
+    return load_model("demo")
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_propagation_recovers_the_object_and_stops_where_it_ends(demo, seed):
+    """With the demo model: text + one click on a nucleus in its widest slice follows it up and
+    down through z, and stops where it ends (and the slice embeddings are cached)."""
+    sample = make_volume(seed, shape=(16, 256, 256), concepts=("nucleus",), counts={"nucleus": (3, 5)}, p_absent=0.0)
+    gt = sample.labels
+    k = max(np.unique(gt[gt > 0]), key=lambda i: np.count_nonzero(gt == i))  # the largest nucleus
+    area = np.array([np.count_nonzero(gt[z] == k) for z in range(len(gt))])
+    z0 = int(area.argmax())
+    calls = []
+    hook = demo.sam.image_encoder.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        seg = Segmenter(demo, progress=lambda *a: None)
+        res = seg.segment_volume(sample.image, z=z0, points=[interior_point(gt[z0] == k)], text="nucleus")
+        got = [z for z in range(len(gt)) if res.labels[z].any()]
+        present = np.flatnonzero(area)
+        assert set(res.labels.ravel()) == {0, 1}
+        assert got == list(range(got[0], got[-1] + 1))
+        # It stops at the ends: the stack's axial blur spreads a nucleus' light into the slice
+        # beyond its labelled end, which may be taken; nothing further (the ends are >= 2 slices
+        # from the stack's edges in these volumes: seeds 0 and 2 are the first two where they are).
+        assert present[0] - 1 <= got[0] and got[-1] <= present[-1] + 1, (got, present)
+        assert present[0] >= 1 and present[-1] <= len(gt) - 3
+        core = [z for z in present if area[z] >= 0.5 * area.max()]  # all but the end caps
+        assert set(core) <= set(got), (core, got)
+        per_slice = [iou(res.labels[z] > 0, gt[z] == k) for z in core]
+        # measured (seeds 0 / 2; fp32, bf16 and without the fast path alike): mean 0.92 / 0.95, min
+        # 0.84 / 0.93. The next volume with such margins (seed 7) has a fainter nucleus: mean 0.60
+        # (seed 7)
+        # has a fainter nucleus: mean 0.60. Random weights: ~0.
+        assert min(per_slice) >= 0.6 and np.mean(per_slice) >= 0.75, per_slice
+        assert np.isnan(res.slice_scores[[z for z in range(len(gt)) if z not in got]]).all()
+        n = len(calls)
+        assert len(got) <= n <= len(got) + 2  # one embedding per slice visited: those kept, and where it stopped
+        seg.segment_volume(sample.image, z=z0, points=[interior_point(gt[z0] == k)], text="nucleus")
+        assert len(calls) == n  # slice embeddings are cached
+    finally:
+        hook.remove()
+
+
+def test_text_only_volume_has_consistent_ids_across_z(demo):
+    """With the demo model: a nucleus found in several slices keeps one id through them (across a
+    slice where it was missed, too), and different nuclei get different ids."""
     sample = make_volume(1_000_123, shape=(10, 256, 256), concepts=("nucleus",), counts={"nucleus": (5, 8)})
-    res = Segmenter(load_model("demo")).segment_volume(sample.image, text="nucleus")
+    res = Segmenter(demo).segment_volume(sample.image, text="nucleus")
     gt = sample.labels
     owner: dict[int, set[int]] = {}  # 3D id → the ground-truth nuclei it is the main id of
     kept = []  # per run of detections: the share of its slices with its main id
