@@ -107,7 +107,7 @@ def test_decode_reuses_the_image_side_and_matches_per_prompt_decoding():
     with torch.inference_mode():
         enc = m.encode(images, ["nucleus", "cell"])
         grouped, iou = m.decode(enc, p)  # per row, side cached
-        assert len(enc.sides) == 2
+        assert sorted(k[:2] for k in enc.sides if k[0] != "later") == [("none", 0), ("none", 1)]
         again, _ = m.decode(enc, p)
     with torch.no_grad():  # grad mode off but not inference: still cached; compare per prompt
         for i in range(5):
@@ -122,6 +122,31 @@ def test_decode_reuses_the_image_side_and_matches_per_prompt_decoding():
         assert not enc.sides
         assert m.sam.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.weight.grad is not None
         torch.testing.assert_close(out.detach(), grouped, rtol=1e-4, atol=1e-4)
+
+
+def test_mask_prompts_reuse_the_weight_only_part_of_their_image_sides():
+    """Mask prompts get one image side each (their dense input differs); the part of it that
+    depends on the weights only (ImageSide.later) is computed once per Encoded in inference."""
+    m = _model()
+    images = torch.rand(1, 3, 64, 64)
+    p = Prompts(torch.zeros(3, dtype=torch.long), points=torch.rand(3, 1, 2) * 60, labels=torch.ones(3, 1),
+                masks=torch.randn(3, 1, m.mask_size, m.mask_size))
+    with torch.inference_mode():
+        enc = m.encode(images, ["nucleus"])
+        first, _ = m.decode(enc, p)
+        (key,) = enc.sides
+        assert key[0] == "later" and enc.sides[key] is not None
+        m.decode(enc, p[:1])
+        assert list(enc.sides) == [key]
+        again, _ = m.decode(enc, p)
+        fresh, _ = m.decode(dataclasses.replace(enc, sides={}), p)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    torch.testing.assert_close(fresh, first, rtol=0, atol=0)
+    with torch.enable_grad():  # training: the weights may change between calls, nothing kept
+        enc = m.encode(images, ["nucleus"])
+        out, _ = m.decode(enc, p)
+        assert not enc.sides
+        torch.testing.assert_close(out.detach(), first, rtol=1e-5, atol=1e-5)
 
 
 def test_segmenter_drops_image_sides_when_the_decoder_changes():
@@ -151,7 +176,7 @@ def test_bf16_decoding_agrees_with_fp32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low, _ = m.decode(enc, p)
     assert low.dtype == torch.float32
-    assert len(enc.sides) == 2  # one side per compute dtype
+    assert sorted(str(k[2]) for k in enc.sides if k[0] != "later") == ["torch.bfloat16", "torch.float32"]  # one per dtype
     a, b = ref > 0, low > 0
     assert (a & b).sum() / (a | b).sum() >= 0.98
 

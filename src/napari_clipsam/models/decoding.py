@@ -78,9 +78,12 @@ def _check(tr: TwoWayTransformer) -> None:
 
 
 def image_side(tr: TwoWayTransformer, src: torch.Tensor, pos: torch.Tensor,
-               dtype: torch.dtype = torch.float32) -> ImageSide:
+               dtype: torch.dtype = torch.float32, cache: dict | None = None) -> ImageSide:
     """:class:`ImageSide` of (R, C, h, w) dense inputs ``src`` (embedding + dense prompt) with the
-    (1, C, h, w) positional encoding ``pos``, in ``dtype`` (the image side's compute dtype)."""
+    (1, C, h, w) positional encoding ``pos``, in ``dtype`` (the image side's compute dtype).
+
+    ``cache``: a dict that keeps :attr:`ImageSide.later` (it depends on the weights and ``pos``
+    only, not on ``src``) for the next call with the same transformer weights and ``pos``."""
     _check(tr)
     block = tr.layers[0]
     # Contiguous (HW, C) rows: every click adds to and normalises these, and strided operands
@@ -89,9 +92,16 @@ def image_side(tr: TwoWayTransformer, src: torch.Tensor, pos: torch.Tensor,
     pe = pos.flatten(2).transpose(1, 2).to(dtype).contiguous()
     with_pe = keys + pe
     t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token
+    key = ("later", dtype, tuple(pe.shape))
+    if cache is None or key not in cache:
+        later = _later_projections(tr, pe)
+        if cache is not None:
+            cache[key] = later
+    else:
+        later = cache[key]
     return ImageSide(keys, pe, _heads(_lin(t2i.k_proj, with_pe), t2i.num_heads),
                      _heads(_lin(t2i.v_proj, keys), t2i.num_heads), _heads(_lin(i2t.q_proj, with_pe), i2t.num_heads),
-                     _later_projections(tr, pe))
+                     later)
 
 
 def _later_projections(tr: TwoWayTransformer, pe: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
