@@ -226,10 +226,10 @@ def test_decode_rejects_bad_windows():
     p = Prompts(torch.zeros(2), points=torch.rand(2, 1, 2) * 60, labels=torch.ones(2, 1))
     with torch.inference_mode():
         enc = m.encode(torch.rand(1, 3, 64, 64), ["nucleus"])
-        for bad, msg in [(torch.zeros(2, 3, dtype=torch.long), "integer boxes"),
-                         (torch.zeros(2, 4), "integer boxes"),
-                         (torch.tensor([[0, 0, 4, 4], [2, 2, 2, 5]]), "non-empty"),
-                         (torch.tensor([[0, 0, 4, 4], [0, 0, 17, 4]]), "inside the 16×16")]:
+        for bad, msg in [(torch.zeros(2, 3, dtype=torch.long), "integer mask-pixel boxes"),
+                         (torch.zeros(2, 4), "integer mask-pixel boxes"),
+                         (torch.tensor([[0, 0, 4, 4], [2, 2, 2, 5]]), "empty or outside"),
+                         (torch.tensor([[0, 0, 4, 4], [0, 0, 17, 4]]), "outside the 16×16 mask-pixel grid")]:
             with pytest.raises(ValueError, match=msg):
                 m.decode(enc, p, windows=bad)
         with pytest.raises(ValueError, match="3 boxes for 2 prompts"):

@@ -2,6 +2,7 @@
 within the stated tolerance, and the swap is invisible to checkpoints, LoRA and `disable`."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -219,15 +220,30 @@ def test_env_switches(monkeypatch):
         fast.enable_fast_path(sam)
 
 
-def test_autocast_decision_follows_cpu_flags(monkeypatch):
+def test_autocast_decision_follows_cpu_flags_and_the_measured_bf16_rate(monkeypatch):
+    monkeypatch.setattr(fast, "bf16_matmul_speedup", lambda: 3.8)  # as on an AMD EPYC with avx512_bf16
     monkeypatch.setattr(fast, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
-    assert fast.autocast_dtype_for("cpu")[0] == torch.bfloat16
+    assert fast.autocast_dtype_for("cpu")[0] == torch.bfloat16 and fast.cpu_has_fast_bf16()
     monkeypatch.setattr(fast, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
     assert fast.autocast_dtype_for("cpu")[0] == torch.bfloat16
+    monkeypatch.setattr(fast, "bf16_matmul_speedup", lambda: 0.72)  # as on an Intel Xeon without AMX
+    dtype, reason = fast.autocast_dtype_for("cpu")
+    assert dtype is None and "0.72×" in reason and not fast.cpu_has_fast_bf16()
+
+    def not_measured():
+        raise AssertionError("no probe without the flags")
+
+    monkeypatch.setattr(fast, "bf16_matmul_speedup", not_measured)
     monkeypatch.setattr(fast, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     dtype, reason = fast.autocast_dtype_for("cpu")
-    assert dtype is None and "emulated" in reason
+    assert dtype is None and "emulated" in reason and not fast.cpu_has_fast_bf16()
     assert fast.autocast_dtype_for("meta")[0] is None
+
+
+def test_bf16_probe_measures_a_rate_once_per_process():
+    speedup = fast.bf16_matmul_speedup()
+    assert math.isfinite(speedup) and speedup > 0
+    assert fast.bf16_matmul_speedup() == speedup  # cached: one decision per process
 
 
 def test_clipsam_text_and_clicks_unchanged_with_fast_path():

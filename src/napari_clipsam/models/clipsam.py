@@ -26,7 +26,7 @@ from torch import nn
 
 from .clip_parts import ClipConfig, build_clip, clip_embed_dim, clip_text_width
 from .conditioning import Context, build_conditioning
-from .decoding import image_side, two_way, upscale_masks
+from .decoding import check_windows, image_side, two_way, upscale_masks
 from .sam_parts import SamConfig, build_sam
 from .semantics import DEFAULT_TEMPLATES, ClipSemantics, TextFeatures, resize_to_grid, similarity_map
 from .stem_skip import run_stem, stem_tap
@@ -383,14 +383,9 @@ class ClipSam(nn.Module):
 
     def _token_windows(self, windows: torch.Tensor, n: int) -> torch.Tensor:
         """``decode``'s mask-pixel windows (n, 4) → token boxes rounded outwards."""
-        windows = torch.as_tensor(windows)
         m, f = self.mask_size, self.mask_size // self.embed_size
-        if windows.shape != (n, 4) or windows.dtype.is_floating_point:
-            raise ValueError(f"windows must be ({n}, 4) integer boxes (y0, x0, y1, x1), got "
-                             f"{tuple(windows.shape)} {windows.dtype}")
-        y0, x0, y1, x1 = windows.long().unbind(1)
-        if bool(((y0 < 0) | (x0 < 0) | (y1 > m) | (x1 > m) | (y1 <= y0) | (x1 <= x0)).any()):
-            raise ValueError(f"windows must be non-empty boxes inside the {m}×{m} mask grid")
+        check_windows(windows, n, m, m, "mask-pixel")
+        y0, x0, y1, x1 = torch.as_tensor(windows).long().unbind(1)
         return torch.stack([y0 // f, x0 // f, -(-y1 // f), -(-x1 // f)], 1)
 
     def _masks_from(self, hs: torch.Tensor, src: torch.Tensor, multimask: bool,

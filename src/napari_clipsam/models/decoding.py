@@ -239,14 +239,17 @@ def _stock_head(up: nn.Sequential, x: torch.Tensor, hyper: torch.Tensor) -> torc
     return _as_image(masks.reshape(*f.shape[:-1], hyper.shape[1]))
 
 
-def _check_windows(windows: torch.Tensor, n: int, h: int, w: int) -> list[list[int]]:
+def check_windows(windows: torch.Tensor, n: int, h: int, w: int, grid: str = "token") -> list[list[int]]:
+    """``windows`` (n, 4) integer boxes (y0, x0, y1, x1), end exclusive, each non-empty and inside
+    the h × w ``grid`` (named in errors) → the boxes as lists; ValueError otherwise."""
+    windows = torch.as_tensor(windows)
     if windows.shape != (n, 4) or windows.dtype.is_floating_point:
-        raise ValueError(f"windows must be ({n}, 4) integer token boxes (y0, x0, y1, x1), got "
+        raise ValueError(f"windows must be ({n}, 4) integer {grid} boxes (y0, x0, y1, x1), got "
                          f"{tuple(windows.shape)} {windows.dtype}")
     boxes = windows.tolist()
     for y0, x0, y1, x1 in boxes:
         if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
-            raise ValueError(f"window {(y0, x0, y1, x1)} is empty or outside the {h}×{w} token grid")
+            raise ValueError(f"window {(y0, x0, y1, x1)} is empty or outside the {h}×{w} {grid} grid")
     return boxes
 
 
@@ -270,7 +273,7 @@ def upscale_masks(up: nn.Sequential, src: torch.Tensor, hyper: torch.Tensor, h: 
     n, m = src.shape[0], hyper.shape[1]
     if (skip is None) != (stem is None) or (stem is None) != (index is None):
         raise ValueError("upscale_masks: give the stem skip, its stem features and their index together")
-    boxes = None if windows is None else _check_windows(windows, n, h, w)
+    boxes = None if windows is None else check_windows(windows, n, h, w)
     stock = _is_stock_upscaling(up)
     if stock and skip is None:
         tokens = src.reshape(n, h, w, -1)
@@ -296,4 +299,4 @@ def upscale_masks(up: nn.Sequential, src: torch.Tensor, hyper: torch.Tensor, h: 
     return masks
 
 
-__all__ = ["OUTSIDE", "ImageSide", "image_side", "two_way", "upscale_masks"]
+__all__ = ["OUTSIDE", "ImageSide", "check_windows", "image_side", "two_way", "upscale_masks"]

@@ -16,8 +16,9 @@ Four pieces, all reversible and none touching a parameter:
   run by :mod:`~napari_clipsam.models.decoding` (always: same math as segment-anything's): the
   prompt-independent image side is computed once per image and, under autocast, the image-side
   tensors stay in bf16/fp16 from op to op (autocast would cast them back and forth).
-* **Autocast** (bf16 on CPUs with native bf16 matmuls — ``avx512_bf16`` or ``amx_bf16`` —, bf16
-  or fp16 on CUDA) plus ``torch.inference_mode`` through :func:`fast_inference`.
+* **Autocast** (bf16 on CPUs with native bf16 matmuls — ``avx512_bf16`` or ``amx_bf16`` — where
+  a bf16 matrix product measures clearly faster than an fp32 one, see :func:`cpu_has_fast_bf16`;
+  bf16 or fp16 on CUDA) plus ``torch.inference_mode`` through :func:`fast_inference`.
 
 The swap is a class swap of SAM's attention and patch-embedding modules (``module.__class__``):
 parameters, buffers, ``state_dict`` keys and submodules stay as they are, so checkpoints load
@@ -39,6 +40,7 @@ import contextlib
 import logging
 import os
 import platform
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterator
@@ -107,10 +109,36 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: bf16 autocast is used on a CPU only where a bf16 matrix product runs at least this many times
+#: faster than an fp32 one. Measured (2 cores, rate bf16 / fp32): AMD EPYC with avx512_bf16 3.8×;
+#: an Intel Xeon with avx512_bf16 and no AMX 0.72× (its vit_b embedding: fp32 8.1 s, bf16 11.4 s).
+BF16_MIN_SPEEDUP = 1.3
+
+
+@lru_cache(maxsize=1)
+def bf16_matmul_speedup() -> float:
+    """How many times faster a bf16 matrix product runs than an fp32 one here: a (1024 × 768) ·
+    (768 × 768) product, best of 5 each after a warm-up, measured once per process (~0.1 s)."""
+
+    def best(dtype: torch.dtype) -> float:
+        a, b = torch.randn(1024, 768).to(dtype), torch.randn(768, 768).to(dtype)
+        a @ b
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+        return max(min(times), 1e-9)
+
+    with torch.inference_mode():
+        return best(torch.float32) / best(torch.bfloat16)
+
+
 def cpu_has_fast_bf16() -> bool:
-    """True where bf16 matmuls run natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates
-    bf16 and autocast is slower than fp32."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    """True where the CPU has native bf16 matmuls (AVX512-BF16 or AMX) and they measure at least
+    :data:`BF16_MIN_SPEEDUP` × fp32's rate (:func:`bf16_matmul_speedup`); elsewhere oneDNN
+    emulates bf16, or runs it no faster, and autocast would be slower than fp32."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
 
 
 def autocast_dtype_for(device: torch.device | str) -> tuple[torch.dtype | None, str]:
@@ -121,9 +149,13 @@ def autocast_dtype_for(device: torch.device | str) -> tuple[torch.dtype | None, 
             return torch.bfloat16, "CUDA with bf16"
         return torch.float16, "CUDA without bf16: fp16"
     if device.type == "cpu":
-        if cpu_has_fast_bf16():
-            return torch.bfloat16, "CPU with native bf16 (avx512_bf16/amx_bf16)"
-        return None, "CPU without avx512_bf16/amx_bf16: bf16 would be emulated (slower than fp32)"
+        if not {"avx512_bf16", "amx_bf16"} & cpu_flags():
+            return None, "CPU without avx512_bf16/amx_bf16: bf16 would be emulated (slower than fp32)"
+        speedup = bf16_matmul_speedup()
+        if speedup >= BF16_MIN_SPEEDUP:
+            return torch.bfloat16, f"CPU with native bf16 (avx512_bf16/amx_bf16), matmuls {speedup:.1f}× fp32's rate"
+        return None, (f"CPU with avx512_bf16/amx_bf16, but bf16 matmuls measured {speedup:.2f}× fp32's rate "
+                      f"(< {BF16_MIN_SPEEDUP}×): fp32 is faster here")
     return None, f"no autocast on {device.type}"
 
 
@@ -372,4 +404,4 @@ def fast_inference(model: nn.Module, autocast: bool = True) -> Iterator[FastPath
 
 __all__ = ["FastPathInfo", "FastEncoderAttention", "FastDecoderAttention", "enable_fast_path",
            "disable_fast_path", "fast_inference", "fast_path_info", "fast_path_allowed",
-           "autocast_dtype_for", "cpu_has_fast_bf16", "cpu_flags", "cpu_model"]
+           "autocast_dtype_for", "bf16_matmul_speedup", "cpu_has_fast_bf16", "cpu_flags", "cpu_model"]
