@@ -7,6 +7,8 @@ from scipy import ndimage
 
 from napari_clipsam.models.clipsam import ClipSam, Prompts, tiny_config
 from napari_clipsam.models.conditioning import grid_seeds, pseudo_prompts
+from napari_clipsam.models.conditioning.base import Context
+from napari_clipsam.models.semantics import similarity_map
 
 STRATEGIES = ["adapter", "ssp", "pseudo"]
 
@@ -116,16 +118,39 @@ def test_ssp_new_text_does_not_rerun_image_encoder():
     assert not torch.allclose(a.prompt_tokens, b.prompt_tokens)
 
 
-def test_adapter_last_k_reruns_only_adapted_blocks():
-    m = _model("adapter", blocks=1)
-    first = _count_calls(m.sam.image_encoder.blocks[0])
-    last = _count_calls(m.sam.image_encoder.blocks[1])
+def _reference_adapted(m, img, text):
+    """The adapter strategy's embedding computed block by block from the image, nothing cached."""
+    enc = m.sam.image_encoder
+    patches, feats = m.semantics.patch_features(img), m.text_features([text])
+    ctx = Context(text=feats, patches=patches, similarity=similarity_map(patches, feats.embedding))
+    state = m.conditioning.prepare(ctx, m.embed_size)
+    x = m.patch_tokens(img)[0]
+    for i, blk in enumerate(enc.blocks):
+        x = blk(x)
+        if i in m.conditioning.adapted_blocks:
+            x = m.conditioning.adapt(i, x, state)
+    return enc.neck(x.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("blocks", [1, 2, [0]], ids=["last-1", "last-2", "first"])
+def test_adapter_new_text_reruns_only_blocks_after_the_first_adapted_one(blocks):
+    """The first adapted block's input and output are text-independent (its adapter follows it):
+    it runs once per image with the prefix; a new text re-runs its adapter and the later blocks
+    only, and the embedding equals the block-by-block computation exactly."""
+    m = _model("adapter", blocks=blocks)
+    depth = len(m.sam.image_encoder.blocks)
+    first = min(m.conditioning.adapted_blocks)
+    calls = [_count_calls(b) for b in m.sam.image_encoder.blocks]
     img = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         feats = m.embed_image(img)
-        m.condition(feats, ["nucleus"])
-        m.condition(feats, ["vesicle"])
-    assert len(first) == 1 and len(last) == 2
+        a = m.condition(feats, ["nucleus"])
+        b = m.condition(feats, ["vesicle"])
+        ref_a, ref_b = _reference_adapted(m, img, "nucleus"), _reference_adapted(m, img, "vesicle")
+    assert m.prefix_blocks == first + 1 and m.text_dependent_encoder
+    assert [len(c) for c in calls] == [3 if i <= first else 4 for i in range(depth)]  # refs: 2 more each
+    assert torch.equal(a.embeddings, ref_a) and torch.equal(b.embeddings, ref_b)
+    assert not torch.equal(a.embeddings, b.embeddings)
 
 
 def test_pseudo_prompts_three_blobs():

@@ -175,8 +175,10 @@ class ClipSam(nn.Module):
             text_width=clip_text_width(clip_model), clip_grid=config.clip.image_size // patch,
             **config.strategy_options,
         )
+        # Text-independent encoder blocks: every block up to and including the first adapted one
+        # (its adapter follows it), so a new text re-runs only the blocks after that one.
         adapted = self.conditioning.adapted_blocks
-        self.prefix_blocks = min(adapted) if adapted else config.sam.encoder_depth
+        self.prefix_blocks = min(adapted) + 1 if adapted else config.sam.encoder_depth
         self.file_metadata: dict = {}
         self.eval()
 
@@ -200,7 +202,8 @@ class ClipSam(nn.Module):
 
     @property
     def text_dependent_encoder(self) -> bool:
-        return self.prefix_blocks < self.config.sam.encoder_depth
+        """True when the strategy adapts encoder blocks: the embedding then depends on the text."""
+        return bool(self.conditioning.adapted_blocks)
 
     def _check_images(self, images: torch.Tensor) -> None:
         s = self.img_size
@@ -282,10 +285,13 @@ class ClipSam(nn.Module):
         emb = feats.embeddings
         if emb is None:
             state = self.conditioning.prepare(ctx, self.embed_size)
-            x = feats.tokens
-            for i in range(self.prefix_blocks, len(enc.blocks)):
-                x = enc.blocks[i](x)
-                x = self.conditioning.adapt(i, x, state)
+            adapted = set(self.conditioning.adapted_blocks)
+            x = feats.tokens  # after block prefix_blocks - 1, the first adapted one
+            for i in range(self.prefix_blocks - 1, len(enc.blocks)):
+                if i >= self.prefix_blocks:
+                    x = enc.blocks[i](x)
+                if i in adapted:
+                    x = self.conditioning.adapt(i, x, state)
             emb = enc.neck(x.permute(0, 3, 1, 2))
         return Encoded(
             embeddings=emb,

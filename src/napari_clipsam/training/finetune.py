@@ -344,7 +344,7 @@ def frozen_features(model: ClipSam, x: torch.Tensor, k: int) -> tuple:
     t, stem = model.patch_tokens(x)
     t = model.encoder_tokens(None, stop=k, tokens=t)
     patches = model.semantics.patch_features(x)
-    if k >= len(model.sam.image_encoder.blocks):
+    if k >= len(model.sam.image_encoder.blocks) and not model.text_dependent_encoder:
         return None, model.sam.image_encoder.neck(t.permute(0, 3, 1, 2)), patches, stem
     return t, None, patches, stem
 
