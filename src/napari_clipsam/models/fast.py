@@ -20,6 +20,12 @@ Four pieces, all reversible and none touching a parameter:
   a bf16 matrix product measures clearly faster than an fp32 one, see :func:`cpu_has_fast_bf16`;
   bf16 or fp16 on CUDA) plus ``torch.inference_mode`` through :func:`fast_inference`.
 
+Besides, once per process and not undone (it is process-wide), :func:`tune_malloc` sets glibc's
+allocator on Linux: buffers of up to 32 MB stay in the heap and up to 256 MB of freed heap is
+kept for reuse, instead of glibc's defaults, which hand such buffers back to the kernel and fault
+them in again page by page on the next call (millions of page faults per ``segment_text`` at
+vit_b).
+
 The swap is a class swap of SAM's attention and patch-embedding modules (``module.__class__``):
 parameters, buffers, ``state_dict`` keys and submodules stay as they are, so checkpoints load
 unchanged and peft's LoRA wrapping ``attn.qkv`` keeps working (the fast forward calls
@@ -28,11 +34,6 @@ unchanged and peft's LoRA wrapping ``attn.qkv`` keeps working (the fast forward 
 Tolerances (tests/test_fast.py; bench/run.py at vit_b size): SDPA in fp32 is the same math as
 the reference — relative difference ≤ 1e-5. Under bf16 autocast the image embedding differs from
 the fp32 reference by a relative L2 ≤ 1e-2 and masks by IoU ≥ 0.98.
-
-* **Allocator settings** (:func:`tune_malloc`, Linux with glibc, once per process): buffers
-  of up to 32 MB are kept in the heap and up to 256 MB of freed heap is kept for reuse, instead
-  of glibc's defaults, which hand such buffers back to the kernel and fault them in again page
-  by page on the next call (millions of page faults per ``segment_text`` at vit_b).
 
 Switches: ``NAPARI_CLIPSAM_FAST=0`` turns the whole fast path off (:func:`enable_fast_path`
 then restores stock modules); ``NAPARI_CLIPSAM_BF16=0|1`` overrides the autocast decision;
@@ -185,8 +186,8 @@ def tune_malloc() -> str:
     glibc's defaults adapt its mmap threshold to freed blocks but trim the heap beyond twice that,
     so the decoder's and the encoder's temporaries of a few to tens of MB are returned to the
     kernel after each call and faulted in again, page by page, on the next. Process-wide and not
-    undone; skipped with ``NAPARI_CLIPSAM_MALLOC=0``, off Linux, and
-    where the C library is not glibc.
+    undone; skipped with ``NAPARI_CLIPSAM_MALLOC=0``, off Linux, and where the C library is not
+    glibc.
     """
     if _env_flag("NAPARI_CLIPSAM_MALLOC") is False:
         return "allocator untouched (NAPARI_CLIPSAM_MALLOC=0)"
