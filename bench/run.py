@@ -13,6 +13,11 @@ info: CPU model, cores, flags, torch version, threads, load average before/after
 
 Rows (see the issue "Fast path and benchmark suite"):
 
+Stock runs twice: in this process (after napari-clipsam's fast path has set glibc's allocator for
+the whole process, which speeds stock up too) and, with row 4, in a process of its own that
+imports nothing of napari-clipsam (bench/stock_sam.py: ``set_image``, ``predict`` and the
+automatic mask generator as a user's stock script runs them; rows 1, 2 and 4 "own process").
+
 1. image embedding at 1024²: stock ``SamPredictor.set_image`` vs our SAM encoder on the fast
    path (SDPA fp32, and bf16 autocast where the CPU has native bf16; forced bf16 is measured too
    with its accuracy: embedding relative L2 and mask IoU vs fp32) vs our full ``encode`` per
@@ -59,9 +64,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
+sys.path.insert(0, str(HERE))
+
 from napari_clipsam.models import fast  # noqa: E402
 from napari_clipsam.models.clipsam import ClipSam, ClipSamConfig, Prompts  # noqa: E402
 from napari_clipsam.models.sam_parts import SamConfig  # noqa: E402
+from stock_sam import summary, timeit  # noqa: E402  (beside this script; imports nothing of napari-clipsam)
 
 TEXT = "nucleus"
 SMOKE = bool(os.environ.get("BENCH_SMOKE"))  # tiny models: checks the code paths in seconds, numbers meaningless
@@ -80,22 +88,6 @@ def model_config(img_size: int, strategy: str, options: dict | None = None) -> C
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def timeit(fn, repeat: int = 3, warmup: int = 1) -> dict:
-    """Run ``fn`` warmup + repeat times → {"min", "median", "n"} seconds."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return _summary(ts)
-
-
-def _summary(ts: list[float]) -> dict:
-    return {"min": min(ts), "median": statistics.median(ts), "n": len(ts)}
-
-
 def timeit_pair(fa, fb, repeat: int = 3, warmup: int = 1) -> tuple[dict, dict]:
     """Time ``fa`` and ``fb`` alternately (warmup + repeat times each) → two :func:`timeit` dicts."""
     for _ in range(warmup):
@@ -107,7 +99,7 @@ def timeit_pair(fa, fb, repeat: int = 3, warmup: int = 1) -> tuple[dict, dict]:
             t = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t)
-    return _summary(ta), _summary(tb)
+    return summary(ta), summary(tb)
 
 
 def full_encode(model: ClipSam, x: torch.Tensor):
@@ -241,6 +233,7 @@ def row_embedding(models: Models, image01: np.ndarray, quick: bool, res: dict) -
             acc = mask_agreement(sam, ref, emb_bf16)
         finally:
             models.info = fast.enable_fast_path(models.ssp)
+        res["bf16_embedding_s"] = tb["min"]
         res["bf16_rel_l2"] = rel_l2(emb_bf16, ref)
         res["bf16_mask_iou_min"] = acc["min"]
         rows.append({"row": 1, "case": "ours: SAM encoder, SDPA + bf16 autocast" + ("" if native else " (forced; emulated on this CPU)"),
@@ -327,6 +320,7 @@ def row_click(models: Models, image01: np.ndarray, quick: bool, res: dict) -> No
     rep = 10 if quick else 30
     stock = timeit(lambda: pred.predict(point_coords=pt, point_labels=np.array([1]), multimask_output=True),
                    repeat=rep, warmup=3)
+    res["stock_predict_s"] = stock["min"]
     rows.append({"row": 2, "case": "stock SamPredictor.predict (1 point, 3 masks, image size)", "size": "1024²",
                  "ms": stock, "vs_stock": 1.0})
     stock1 = timeit(lambda: pred.predict(point_coords=pt, point_labels=np.array([1]), multimask_output=False),
@@ -348,6 +342,7 @@ def row_click(models: Models, image01: np.ndarray, quick: bool, res: dict) -> No
     p = Prompts(torch.zeros(1), points=torch.from_numpy(pt)[None], labels=torch.ones(1, 1))
     with fast.fast_inference(m):  # bf16 where the fast path chose it, as Segmenter.predict decodes
         dec = timeit(lambda: m.decode(enc, p), repeat=rep, warmup=3)
+    res["decode_s"] = dec["min"]
     rows.append({"row": 2, "case": "ours: ClipSam.decode only (low-res logits)", "size": "1024²", "ms": dec,
                  "vs_stock": dec["min"] / stock["min"]})
     fast.disable_fast_path(m)
@@ -483,6 +478,52 @@ def row_microsam(models: Models, rgb: np.ndarray, side: int, res: dict) -> None:
                         "ours_speedup": ours_faster(t, res),
                         "note": f"micro-sam {out['micro_sam']}, its embedding {out['embedding_s']:.1f} s, "
                                 f"{out['objects']} objects (random weights)"})
+
+
+def row_stock_process(models: Models, image01: np.ndarray, quick: bool, res: dict) -> None:
+    """Stock ``set_image``, ``predict`` and ``SamAutomaticMaskGenerator`` on the same weights (saved
+    as an official checkpoint) and image in a process of their own (bench/stock_sam.py): glibc's
+    allocator defaults, as a user's stock script runs, unlike the in-process stock rows, which
+    share the allocator settings napari-clipsam's fast path makes for the whole process."""
+    import tempfile
+
+    if SMOKE:
+        res["rows"].append({"row": 4, "case": "stock, own process", "size": "1024²", "s": None,
+                            "note": "not run: tiny models (BENCH_SMOKE), not vit_b"})
+        return
+    side, repeat = (16, 1) if quick else (32, 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, img = Path(tmp) / "sam_vit_b_random.pth", Path(tmp) / "image.npy"
+        torch.save(models.stock_sam.state_dict(), ckpt)
+        np.save(img, to_rgb_uint8(image01))
+        proc = subprocess.run([sys.executable, str(HERE / "stock_sam.py"), str(ckpt), str(img), str(side),
+                               str(torch.get_num_threads()), str(repeat)], capture_output=True, text=True,
+                              env={**os.environ, "NAPARI_CLIPSAM_MALLOC": "0"})
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:200]
+        res["rows"].append({"row": 4, "case": "stock, own process", "size": "1024²", "s": None, "note": f"failed: {tail}"})
+        return
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["stock_own_process"] = out
+    emb = out["set_image_s"]
+    own = "own process, glibc allocator defaults"
+    note = (f"ours (SAM encoder, bf16) {res['bf16_embedding_s'] / emb['min']:.2f}× of it"
+            if res.get("bf16_embedding_s") else "")
+    res["rows"].append({"row": 1, "case": f"stock SamPredictor.set_image (fp32), {own}", "size": "1024²", "s": emb,
+                        "vs_stock": emb["min"] / res["stock_set_image_s"] if res.get("stock_set_image_s") else None,
+                        "note": note})
+    pred = out["predict_s"]
+    note = f"ours (ClipSam.decode) {res['decode_s'] / pred['min']:.2f}× of it" if res.get("decode_s") else ""
+    res["rows"].append({"row": 2, "case": f"stock SamPredictor.predict (1 point, 3 masks), {own}", "size": "1024²",
+                        "ms": pred, "vs_stock": pred["min"] / res["stock_predict_s"] if res.get("stock_predict_s") else None,
+                        "note": note})
+    post = out["generate_s"] - emb["min"]
+    row = {"row": 4, "case": f"stock AMG ({side}×{side} points) without its embedding, {own}", "size": "1024²",
+           "s": {"min": post, "median": post, "n": 1},
+           "note": f"generate {out['generate_s']:.1f} s, {out['masks']} masks kept"}
+    if "text_instances_grid_s" in res:
+        row["ours_speedup"] = ours_faster(post, res)
+    res["rows"].append(row)
 
 
 def row_two_stage(models: Models, image01: np.ndarray, mask: np.ndarray, quick: bool, res: dict) -> None:
@@ -710,7 +751,7 @@ def fmt_ratio(r: dict) -> str:
 def print_table(res: dict) -> str:
     lines = [f"{'#':<2} {'case':<78} {'size':<16} {'time (min)':>11}  {'ratio':<22} note",
              "-" * 150]
-    for r in res["rows"]:
+    for r in sorted(res["rows"], key=lambda r: r["row"]):  # stable: each row's cases in the order run
         lines.append(f"{r['row']:<2} {r['case']:<78} {r.get('size', ''):<16} {fmt_time(r):>11}  {fmt_ratio(r):<22} {r.get('note', '')}")
     text = "\n".join(lines)
     print(text, flush=True)
@@ -747,6 +788,7 @@ def main(argv=None) -> int:
         (2, lambda: row_click(models, image01, args.quick, res)),
         (3, lambda: row_new_text(models, image01, args.quick, res)),
         (4, lambda: row_text_instances(models, image01, mask, args.quick, res)),
+        (4, lambda: row_stock_process(models, image01, args.quick, res)),
         (5, lambda: row_two_stage(models, image01, mask, args.quick, res)),
         (6, lambda: row_finetune(args.quick, args.threads, res)),
         (7, lambda: row_volume(models, args.quick, res)),

@@ -52,30 +52,56 @@ class _Wrapped(torch.nn.Module):  # a projection that is not a plain Linear (as 
         return self.inner(x)
 
 
-def test_later_blocks_fuse_their_projections_unless_wrapped(decoder):
-    """Later blocks run their image-side projections as one product with the positional
-    encoding's share precomputed; a wrapped projection falls back to module calls, same values."""
+class _ImageLinears(torch.overrides.TorchFunctionMode):
+    """Counts linear maps applied to image tokens (inputs with ``length`` rows per item)."""
+
+    def __init__(self, length: int):
+        super().__init__()
+        self.length, self.count = length, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear and args[0].dim() == 3 and args[0].shape[1] == self.length:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+# wrapped projection → linear maps on image tokens (each runs once for both prompts): a wrapped
+# token→image projection runs both k and v on the image; a wrapped image→token one runs q
+# (and out_proj where that is the wrapped one) on it; in the first block q is the image side's.
+_WRAPPED = {None: 0, "t2i.k_proj": 2, "i2t.q_proj": 1, "i2t.out_proj": 2, "final.v_proj": 2, "first.out_proj": 1}
+
+
+@pytest.mark.parametrize("wrap", list(_WRAPPED))
+def test_image_side_projections_fold_onto_the_tokens_unless_wrapped(decoder, wrap):
+    """Projections of image tokens are folded onto the prompt tokens (no linear map runs on the
+    image tokens in two_way); a wrapped projection (as LoRA's is) runs as a module on them
+    instead. Same values either way."""
     torch.manual_seed(4)
     tr, c = decoder.transformer, decoder.transformer_dim
     emb, pos, tokens = torch.randn(1, c, 4, 4), torch.randn(1, c, 4, 4), torch.randn(1, 2, 5, c)
-    a = tr.layers[1].cross_attn_token_to_image
-    with torch.no_grad():
-        side = image_side(tr, emb, pos)
-        assert side.later is not None and len(side.later) == len(tr.layers)
-        fused = two_way(tr, side, tokens)
-        plain = a.k_proj
-        a.k_proj = _Wrapped(plain)
-        try:
+    owners = {"t2i.k_proj": (tr.layers[1].cross_attn_token_to_image, "k_proj"),
+              "i2t.q_proj": (tr.layers[1].cross_attn_image_to_token, "q_proj"),
+              "i2t.out_proj": (tr.layers[2].cross_attn_image_to_token, "out_proj"),
+              "final.v_proj": (tr.final_attn_token_to_image, "v_proj"),
+              "first.out_proj": (tr.layers[0].cross_attn_image_to_token, "out_proj")}
+    owner, name = owners.get(wrap, (None, None))
+    plain = None if owner is None else getattr(owner, name)
+    try:
+        if owner is not None:
+            setattr(owner, name, _Wrapped(plain))
+        with torch.no_grad():
             side = image_side(tr, emb, pos)
-            assert side.later is None
-            unfused = two_way(tr, side, tokens)
-        finally:
-            a.k_proj = plain
+            with _ImageLinears(16) as seen:
+                hs, src = two_way(tr, side, tokens)
+    finally:
+        if owner is not None:
+            setattr(owner, name, plain)
+    assert seen.count == _WRAPPED[wrap]
+    with torch.no_grad():
         for j in range(2):
             ref_hs, ref_src = tr(emb, pos, tokens[0, j][None])
-            for hs, src in (fused, unfused):
-                torch.testing.assert_close(hs[j], ref_hs[0], rtol=1e-5, atol=1e-5)
-                torch.testing.assert_close(src[j], ref_src[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(hs[j], ref_hs[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(src[j], ref_src[0], rtol=1e-5, atol=1e-5)
 
 
 def test_two_way_rejects_a_transformer_that_is_not_sams(decoder):
@@ -107,7 +133,7 @@ def test_decode_reuses_the_image_side_and_matches_per_prompt_decoding():
     with torch.inference_mode():
         enc = m.encode(images, ["nucleus", "cell"])
         grouped, iou = m.decode(enc, p)  # per row, side cached
-        assert sorted(k[:2] for k in enc.sides if k[0] != "later") == [("none", 0), ("none", 1)]
+        assert sorted(k[:2] for k in enc.sides) == [("none", 0), ("none", 1)]
         again, _ = m.decode(enc, p)
     with torch.no_grad():  # grad mode off but not inference: still cached; compare per prompt
         for i in range(5):
@@ -124,9 +150,9 @@ def test_decode_reuses_the_image_side_and_matches_per_prompt_decoding():
         torch.testing.assert_close(out.detach(), grouped, rtol=1e-4, atol=1e-4)
 
 
-def test_mask_prompts_reuse_the_weight_only_part_of_their_image_sides():
-    """Mask prompts get one image side each (their dense input differs); the part of it that
-    depends on the weights only (ImageSide.later) is computed once per Encoded in inference."""
+def test_mask_prompts_decode_with_an_image_side_each_and_keep_none():
+    """Mask prompts get one image side each (their dense input differs); nothing is kept on the
+    Encoded for them, and decoding them again gives the same logits."""
     m = _model()
     images = torch.rand(1, 3, 64, 64)
     p = Prompts(torch.zeros(3, dtype=torch.long), points=torch.rand(3, 1, 2) * 60, labels=torch.ones(3, 1),
@@ -134,18 +160,17 @@ def test_mask_prompts_reuse_the_weight_only_part_of_their_image_sides():
     with torch.inference_mode():
         enc = m.encode(images, ["nucleus"])
         first, _ = m.decode(enc, p)
-        (key,) = enc.sides
-        assert key[0] == "later" and enc.sides[key] is not None
-        m.decode(enc, p[:1])
-        assert list(enc.sides) == [key]
+        assert not enc.sides
+        one, _ = m.decode(enc, p[1:2])
         again, _ = m.decode(enc, p)
-        fresh, _ = m.decode(dataclasses.replace(enc, sides={}), p)
     torch.testing.assert_close(again, first, rtol=0, atol=0)
-    torch.testing.assert_close(fresh, first, rtol=0, atol=0)
-    with torch.enable_grad():  # training: the weights may change between calls, nothing kept
+    torch.testing.assert_close(one[0], first[1], rtol=1e-5, atol=1e-5)
+    with torch.enable_grad():  # training: gradients reach the decoder through the folded projections
         enc = m.encode(images, ["nucleus"])
         out, _ = m.decode(enc, p)
+        out.sum().backward()
         assert not enc.sides
+        assert m.sam.mask_decoder.transformer.final_attn_token_to_image.k_proj.weight.grad is not None
         torch.testing.assert_close(out.detach(), first, rtol=1e-5, atol=1e-5)
 
 
@@ -176,7 +201,7 @@ def test_bf16_decoding_agrees_with_fp32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low, _ = m.decode(enc, p)
     assert low.dtype == torch.float32
-    assert sorted(str(k[2]) for k in enc.sides if k[0] != "later") == ["torch.bfloat16", "torch.float32"]  # one per dtype
+    assert sorted(str(k[2]) for k in enc.sides) == ["torch.bfloat16", "torch.float32"]  # one per dtype
     a, b = ref > 0, low > 0
     assert (a & b).sum() / (a | b).sum() >= 0.98
 

@@ -280,7 +280,7 @@ from napari_clipsam.models.decoding import image_side, two_way
 torch.manual_seed(0)
 tr = TwoWayTransformer(depth=2, embedding_dim=256, num_heads=8, mlp_dim=2048)
 notes = fast.enable_fast_path(tr, bf16=False).notes
-side = image_side(tr, torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64), cache={})
+side = image_side(tr, torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64))
 tokens = torch.randn(1, 4, 7, 256)
 with torch.inference_mode():
     for _ in range(2):

@@ -143,15 +143,22 @@ def test_cancel_restores_model_bit_identical(tmp_path, monkeypatch, how):
 
 
 def test_deterministic_and_cache_prefix_equivalent():
-    runs = []
-    for cache in (True, True, False):
+    """Same seed, same run; the frozen-prefix cache runs the same operations as recomputing the
+    prefix, so in fp32 the losses agree to rounding. Under the default autocast (bf16 on CPUs
+    with native bf16) both stay as close to the fp32 run as bf16 allows."""
+    runs = {}
+    for cache, autocast in ((True, None), (True, None), (False, None), (True, False), (False, False)):
         m = _model("ssp")
-        res = finetune(m, _data(range(2)), _cfg(steps=4, mode="both", cache_prefix=cache, val_every=2))
+        res = finetune(m, _data(range(2)), _cfg(steps=4, mode="both", cache_prefix=cache, val_every=2,
+                                                 autocast=autocast))
         assert cache_point(m) == 1  # LoRA on the last block: block 0 is cached
-        runs.append(res)
-    assert runs[0].losses == runs[1].losses and runs[0].history == runs[1].history
-    np.testing.assert_allclose(runs[0].losses, runs[2].losses, rtol=1e-4)
-    assert runs[0].best_step == runs[2].best_step
+        runs.setdefault((cache, autocast), []).append(res)
+    (a, b), (c,) = runs[True, None], runs[False, None]
+    assert a.losses == b.losses and a.history == b.history
+    np.testing.assert_allclose(runs[True, False][0].losses, runs[False, False][0].losses, rtol=1e-6)
+    for r in (a, c):
+        np.testing.assert_allclose(r.losses, runs[False, False][0].losses, rtol=2e-3)
+    assert a.best_step == c.best_step
 
 
 def test_few_images_hold_out_strips_and_keep_the_last_weights():

@@ -101,22 +101,25 @@ def view_instances(model: ClipSam, enc: Encoded, frame: Frame, threshold: float 
     # concept would otherwise return their union for every prompt. So only the masks' parts
     # near their regions are upscaled (the mask head's cost), and the rest is cleared.
     windows = bounding_windows(near[:, 0])
-    low_masks, iou = [], []
     emb = enc.embeddings
     chunk = max(1, min(DECODE_CHUNK, DECODE_ELEMENTS // (emb.shape[1] * emb.shape[2] * emb.shape[3])))
+    f = max(1, m // _CONSENSUS_GRID)  # grid seeds vote on at most 128² cells (memory: N × cells)
+    low_masks = torch.empty(n, 1, m, m, device=emb.device)  # filled chunk by chunk (no concatenation)
+    iou = torch.empty(n, device=emb.device)
+    votes_on = torch.empty(n, m // f, m // f, dtype=torch.bool) if seeds == "grid" else None
     for c in range(0, n, chunk):
         with fast_inference(model):
             lm, sc = model.decode(enc, prompts[c : c + chunk], windows=windows[c : c + chunk])
-            low_masks.append(lm.masked_fill(~near[c : c + chunk].to(lm.device), OUTSIDE))
-            iou.append(sc[:, 0].clamp(0, 1))
+            lm = low_masks[c : c + chunk] = lm.masked_fill(~near[c : c + chunk].to(lm.device), OUTSIDE)
+            iou[c : c + chunk] = sc[:, 0].clamp(0, 1)
+        if votes_on is not None:
+            on = lm[:, 0] > 0
+            votes_on[c : c + chunk] = (F.avg_pool2d(on.float(), f) > 0.5 if f > 1 else on).cpu()
         if report:
             report(min(n, c + chunk), n, "segment_text")
-    low_masks, iou = torch.cat(low_masks), torch.cat(iou)
     rank = iou.float().cpu().numpy().astype(np.float64)
-    if seeds == "grid":  # the masks most seeds agree on, ranked by those votes
-        f = max(1, m // _CONSENSUS_GRID)  # votes on at most 128² cells (memory: N × cells)
-        votes_on = F.avg_pool2d((low_masks[:, 0] > 0).float(), f) > 0.5 if f > 1 else low_masks[:, 0] > 0
-        keep, votes = consensus_nms(votes_on.cpu().numpy(), rank, nms_iou=nms_iou)
+    if votes_on is not None:  # the masks most seeds agree on, ranked by those votes
+        keep, votes = consensus_nms(votes_on.numpy(), rank, nms_iou=nms_iou)
         rank = (votes + rank)[keep]
         keep = torch.from_numpy(keep).to(low_masks.device)
         low_masks, iou = low_masks[keep], iou[keep]

@@ -89,8 +89,8 @@ class Encoded:
     embeddings: (B, P, h, w); prompt_tokens: (B, K, P) extra sparse tokens or None; semantic:
     (B, 1, 4h, 4w) strategy semantic logits or None; similarity: (B, 1, h, w) CLIP similarity
     on SAM's grid or None without text; texts: the row texts (None rows without text); sides:
-    the decoder's prompt-independent image side per row and the weight-only part of every side
-    (``decoding.image_side``'s cache), filled by :meth:`ClipSam.decode` in inference (hand the same dict to a later Encoded of the same rows to reuse it; see
+    the decoder's prompt-independent image side per row, filled by :meth:`ClipSam.decode` in
+    inference (hand the same dict to a later Encoded of the same rows to reuse it; see
     :mod:`~napari_clipsam.models.decoding`); stem: (B, Cs, 4h, 4w) patch-stem features for the
     mask head's skip, or None (models without ``SamConfig.stem_skip``).
     """
@@ -362,9 +362,7 @@ class ClipSam(nn.Module):
             dense = dense.expand(n, -1, -1, -1)
         with torch.autocast(dev, enabled=False):  # the decoding module picks dtypes per side
             if dense_of == "prompt" or torch.is_grad_enabled() or n == 0:  # one image side per prompt
-                # (its weight-only part kept in enc.sides, unless the weights may be training)
-                side = image_side(md.transformer, enc.embeddings[p.image_index] + dense, pe.get_dense_pe(), dtype,
-                                  cache=None if torch.is_grad_enabled() else enc.sides)
+                side = image_side(md.transformer, enc.embeddings[p.image_index] + dense, pe.get_dense_pe(), dtype)
                 hs, src = two_way(md.transformer, side, tokens[:, None])
                 return self._masks_from(hs, src, multimask, stem, tokens_box)
             # The dense input is the same for every prompt of a row: its image side is computed
@@ -377,7 +375,7 @@ class ClipSam(nn.Module):
                 side = enc.sides.get(key)
                 if side is None:
                     side = enc.sides[key] = image_side(md.transformer, enc.embeddings[row : row + 1] + dense[at[:1]],
-                                                       pe.get_dense_pe(), dtype, cache=enc.sides)
+                                                       pe.get_dense_pe(), dtype)
                 h_row, s_row = two_way(md.transformer, side, tokens[at][None])
                 hs[at] = h_row
                 src.append(s_row)
