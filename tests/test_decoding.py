@@ -234,13 +234,15 @@ def test_decode_windows_give_the_full_logits_inside_and_outside_elsewhere(skip):
     else:
         m, size = _model(), 64
     torch.manual_seed(3)
-    p = Prompts(torch.tensor([0, 0, 1]), points=torch.rand(3, 1, 2) * 60, labels=torch.ones(3, 1))
-    windows = torch.tensor([[0, 0, 5, 7], [3, 2, 9, 16], [6, 1, 16, 3]])  # mask pixels (16² grid)
+    p = Prompts(torch.tensor([0, 0, 1, 1]), points=torch.rand(4, 1, 2) * 60, labels=torch.ones(4, 1))
+    # mask pixels (16² grid); the stock head runs all windows in crops of the largest one's size
+    # (3 × 4 tokens), the last one's moved up and left to stay inside the grid
+    windows = torch.tensor([[0, 0, 5, 7], [3, 2, 9, 16], [6, 1, 16, 3], [13, 14, 16, 16]])
     with torch.inference_mode():
         enc = m.encode(torch.rand(2, 3, size, size), ["nucleus", "cell"])
         assert m.mask_size == 16
         _windowed_equal_inside_and_outside_filled(m, enc, p, windows)
-        groups = [p[0:2], p[2:3]]  # a list of prompt groups splits the windows alike
+        groups = [p[0:2], p[2:4]]  # a list of prompt groups splits the windows alike
         a, _ = m.decode(enc, groups, windows=windows)
         b, _ = m.decode(enc, p, windows=windows)
         torch.testing.assert_close(a, b)

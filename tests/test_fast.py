@@ -271,7 +271,7 @@ def test_clipsam_text_and_clicks_unchanged_with_fast_path():
     assert _rel(masks, ref_masks) <= 1e-5 and _rel(iou, ref_iou) <= 1e-5
 
 
-# vit_b's decoder (64×64 image tokens, 256 wide) decoding 4 clicks at a time, as segment_text does.
+# vit_b's decoder (64×64 image tokens, 256 wide) decoding 4 clicks at a time.
 _DECODE_LOOP = """
 import resource, torch
 from segment_anything.modeling import TwoWayTransformer

@@ -25,10 +25,11 @@ from .instances import (MIN_AREA, MIN_SCORE, MIN_SUPPORT, NMS_IOU, REGION_MARGIN
 from .preprocess import Frame, fraction_to_logits, postprocess_logits
 
 DECODE_CHUNK = 32  # prompts per decode call at most, and masks per postprocessing step
-#: Image-token elements (prompts × h·w × channels) per decode call: beyond a few million the
-#: per-prompt cost grows (vit_b 1024², bf16, ms per prompt at 1 / 4 / 8 / 16 / 32 prompts a call:
-#: 20.4 / 22.2 / 23.5 / 28.3 / 35.3), so large models decode few prompts at a time.
-DECODE_ELEMENTS = 1 << 22
+#: Image-token elements (prompts × h·w × channels) per decode call: beyond several million the
+#: per-prompt cost grows, so large models decode few prompts at a time. ``segment_text`` with
+#: 1377 grid seeds at vit_b 1024² (ssp, 15 tokens a prompt), bf16, 2 threads, at 2 / 4 / 8 / 16
+#: prompts a call: 14.6-15.6 / 12.2-13.5 / 11.6-12.8 / 14.2-15.3 s (2-5 runs each).
+DECODE_ELEMENTS = 1 << 23
 _CONSENSUS_GRID = 128
 
 

@@ -320,9 +320,15 @@ def upscale_masks(up: nn.Sequential, src: torch.Tensor, hyper: torch.Tensor, h: 
         tokens = src.reshape(n, h, w, -1)
         if boxes is None:
             return _stock_head(up, tokens, hyper)
+        # One head call for all prompts: each box's tokens within a crop of the largest box's size
+        # (moved inside the grid where it would stick out), then each box pasted from its crop.
+        ch, cw = max(y1 - y0 for y0, _, y1, _ in boxes), max(x1 - x0 for _, x0, _, x1 in boxes)
+        corners = [(min(y0, h - ch), min(x0, w - cw)) for y0, x0, _, _ in boxes]
+        crops = torch.stack([tokens[i, cy : cy + ch, cx : cx + cw] for i, (cy, cx) in enumerate(corners)])
+        heads = _stock_head(up, crops, hyper)  # (n, M, 4·ch, 4·cw)
         out = src.new_full((n, m, 4 * h, 4 * w), OUTSIDE)
-        for i, (y0, x0, y1, x1) in enumerate(boxes):
-            out[i, :, 4 * y0 : 4 * y1, 4 * x0 : 4 * x1] = _stock_head(up, tokens[i : i + 1, y0:y1, x0:x1], hyper[i : i + 1])[0]
+        for i, ((y0, x0, y1, x1), (cy, cx)) in enumerate(zip(boxes, corners)):
+            out[i, :, 4 * y0 : 4 * y1, 4 * x0 : 4 * x1] = heads[i, :, 4 * (y0 - cy) : 4 * (y1 - cy), 4 * (x0 - cx) : 4 * (x1 - cx)]
         return out
     if stock:
         x = _as_image(_stock_features(up, src.reshape(n, h, w, -1)))
