@@ -57,12 +57,14 @@ def test_encoder_sdpa_matches_reference_fp32(config):
 
 
 @pytest.mark.parametrize("augment_from, budget", [(1, None), (10**9, None), (10**9, 1)],
-                         ids=["augmented", "masked", "masked-one-window-per-slab"])
+                         ids=["augmented", "masked", "masked-one-item-per-slab-recomputed"])
 def test_encoder_bias_paths_match_reference_with_gradients(monkeypatch, augment_from, budget):
     """Both ways of applying the relative positions (extra query/key channels; an additive mask,
-    in slabs of windows) give segment-anything's output (fp32) and gradients (float64: in fp32
-    the input gradient of this deep, random stack is too ill-conditioned to compare)."""
+    in slabs of (window, head) items, rebuilt in backward when there are several) give
+    segment-anything's output (fp32) and gradients (float64: in fp32 the input gradient of this
+    deep, random stack is too ill-conditioned to compare)."""
     monkeypatch.setattr(fast, "_AUGMENT_FROM", augment_from)
+    monkeypatch.setattr(fast, "_AUGMENT_DTYPES", (torch.float32, torch.float64))
     if budget is not None:
         monkeypatch.setattr(fast, "_MASK_BUDGET", budget)
     stock = _sam(OFFICIAL_SHAPED)

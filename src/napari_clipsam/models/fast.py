@@ -7,8 +7,8 @@ Four pieces, all reversible and none touching a parameter:
   materialises the (N, N) score matrix, adds the decomposed relative-position terms and runs a
   softmax; here the relative-position terms (``rel_h``/``rel_w``, computed exactly as SAM does)
   go into :func:`torch.nn.functional.scaled_dot_product_attention` (fused kernel, no separate
-  softmax pass): as an additive ``attn_mask`` in windows, and as extra query/key channels in
-  global attention, where the (N, N) bias would be 805 MB at 1024² (see
+  softmax pass): as an additive ``attn_mask`` built in slabs, or, in bf16/fp16 global attention,
+  as extra query/key channels, so that the (N, N) bias (805 MB at 1024²) never exists (see
   :class:`FastEncoderAttention`).
 * **Contiguous patch tokens** (:class:`FastPatchEmbed`): stock hands the blocks a strided view,
   which slows every element-wise op of the encoder.
@@ -58,16 +58,21 @@ import torch.nn.functional as F
 from segment_anything.modeling import image_encoder as _sam_enc
 from segment_anything.modeling import transformer as _sam_tr
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
 
-#: Largest additive bias (bytes) built at once by the masked encoder attention (slabs of windows).
+#: Largest additive bias (bytes) built at once by the masked encoder attention (slabs of
+#: windows × heads; 2 heads of a 4096-token global block in fp32).
 _MASK_BUDGET = 192 * 2**20
-#: Attention over this many tokens or more carries the relative positions in extra query/key
-#: channels instead of an (N, N) mask: global attention at 1024² (4096 tokens) and 512² (1024);
-#: windows (196 tokens) keep the mask. Measured at vit_b, 2 threads, bf16: 4096 tokens 0.38 s
-#: augmented vs 0.46 s masked per block, 196-token windows 54 vs 35 ms.
+#: In bf16/fp16, attention over this many tokens or more carries the relative positions in extra
+#: query/key channels instead of a mask: global attention at 1024² (4096 tokens) and 512² (1024).
+#: Measured at vit_b, 2 threads: bf16 (Intel Xeon, AMX) 4096 tokens 0.38 s augmented vs 0.46 s
+#: masked per block, 196-token windows 54 vs 35 ms. In fp32 the extra channels triple the kernel's
+#: work for nothing and the mask wins everywhere: AMD EPYC (AVX2), 4096 tokens 1.4-1.9 s masked
+#: vs 2.7-3.3 s augmented; with gradients, forward + backward 6.4 vs 11.6 s.
 _AUGMENT_FROM = 1024
+_AUGMENT_DTYPES = (torch.bfloat16, torch.float16)
 
 _INFO_ATTR = "_clipsam_fast_path"
 _HOOKS_ATTR = "_clipsam_fast_hooks"
@@ -214,6 +219,35 @@ def _key_positions(h: int, w: int, dtype: torch.dtype, device: torch.device) -> 
     return torch.cat([F.one_hot(rows, h), F.one_hot(cols, w)], dim=1).to(dtype)
 
 
+def _bias_slab(q, k, v, t_h, t_w):
+    n = q.shape[-2]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(t_h + t_w).reshape(-1, 1, n, n))
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t_h: torch.Tensor,
+                      t_w: torch.Tensor) -> torch.Tensor:
+    """SDPA of (B, nh, N, c) ``q, k, v`` plus the bias ``t_h[..., n, row(m)] + t_w[..., n, col(m)]``
+    ((B, nh, N, h) and (B, nh, N, w) terms; key m = row·w + col).
+
+    The bias is built in slabs of (window, head) items under ``_MASK_BUDGET`` bytes. When there
+    is more than one slab and gradients are recorded, each slab runs under
+    :func:`torch.utils.checkpoint.checkpoint`: backward rebuilds its bias instead of keeping it,
+    so training holds one slab's bias at a time, not all of a global block's (805 MB at 1024²).
+    """
+    b, nh, n, _ = q.shape
+    flat = [x.reshape(b * nh, 1, n, x.shape[-1]) for x in (q, k, v)]
+    flat += [t_h.reshape(b * nh, 1, n, -1, 1), t_w.reshape(b * nh, 1, n, 1, -1)]
+    items = b * nh
+    step = max(1, min(items, _MASK_BUDGET // (n * n * q.element_size())))
+    recompute = step < items and torch.is_grad_enabled() and any(x.requires_grad for x in flat)
+    outs = []
+    for i in range(0, items, step):
+        part = [x[i:i + step] for x in flat]
+        outs.append(checkpoint(_bias_slab, *part, use_reentrant=True) if recompute else _bias_slab(*part))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.reshape(b, nh, n, -1)
+
+
 class FastEncoderAttention(_sam_enc.Attention):
     """segment-anything's image-encoder ``Attention`` computed with SDPA.
 
@@ -222,12 +256,13 @@ class FastEncoderAttention(_sam_enc.Attention):
     ``[rel_h[q], rel_w[q]]`` (h + w numbers, computed as SAM does) with the key's one-hot row and
     column (:func:`_key_positions`). Two exact ways to apply it:
 
-    * **masked** (windows, small grids): the (N, N) bias is that product, passed as SDPA's
-      additive ``attn_mask``, in slabs of windows under ``_MASK_BUDGET`` bytes;
-    * **augmented** (from ``_AUGMENT_FROM`` tokens, the global blocks): queries carry their terms
-      and keys their one-hot position as h + w extra channels, so SDPA without a mask computes
-      scores and bias in one fused pass and the (N, N) bias never exists. Values get h + w zero
-      channels (the CPU flash kernel needs one head size for q, k and v; the output drops them).
+    * **masked** (fp32, and windows in any precision; :func:`_masked_attention`): the (N, N)
+      bias, built by broadcasting the row and column terms, is SDPA's additive ``attn_mask``;
+    * **augmented** (bf16/fp16 from ``_AUGMENT_FROM`` tokens, the global blocks): queries carry
+      their terms and keys their one-hot position as h + w extra channels, so SDPA without a mask
+      computes scores and bias in one fused pass and the (N, N) bias never exists. Values get
+      h + w zero channels (the CPU flash kernel needs one head size for q, k and v; the output
+      drops them).
 
     Input/output (B, H, W, C).
     """
@@ -244,21 +279,16 @@ class FastEncoderAttention(_sam_enc.Attention):
             rh = _sam_enc.get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)  # (h, h, c)
             rw = _sam_enc.get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)  # (w, w, c)
             r_q = q.reshape(b, nh, h, w, -1)
-            terms = torch.cat([torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).reshape(b, nh, n, h),
-                               torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).reshape(b, nh, n, w)], dim=-1)
-            keys = _key_positions(h, w, q.dtype, q.device)  # (N, h + w)
-            if n >= _AUGMENT_FROM:
-                q_aug = torch.cat([q * self.scale, terms], dim=-1)
+            t_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).reshape(b, nh, n, h)
+            t_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).reshape(b, nh, n, w)
+            if n >= _AUGMENT_FROM and q.dtype in _AUGMENT_DTYPES:
+                keys = _key_positions(h, w, q.dtype, q.device)  # (N, h + w)
+                q_aug = torch.cat([q * self.scale, t_h, t_w], dim=-1)
                 k_aug = torch.cat([k, keys.expand(b, nh, n, h + w)], dim=-1)
                 v_aug = torch.cat([v, v.new_zeros(b, nh, n, h + w)], dim=-1)
                 out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=1.0)[..., : v.shape[-1]]
             else:
-                per_item = nh * n * n * q.element_size()
-                step = max(1, min(b, _MASK_BUDGET // max(per_item, 1)))
-                outs = [F.scaled_dot_product_attention(q[i:i + step], k[i:i + step], v[i:i + step],
-                                                       attn_mask=terms[i:i + step] @ keys.T)
-                        for i in range(0, b, step)]
-                out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+                out = _masked_attention(q, k, v, t_h, t_w)
         out = out.reshape(b, nh, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(out)
 
