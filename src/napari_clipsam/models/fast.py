@@ -70,7 +70,8 @@ _MASK_BUDGET = 192 * 2**20
 #: Measured at vit_b, 2 threads: bf16 (Intel Xeon, AMX) 4096 tokens 0.38 s augmented vs 0.46 s
 #: masked per block, 196-token windows 54 vs 35 ms. In fp32 the extra channels triple the kernel's
 #: work for nothing and the mask wins everywhere: AMD EPYC (AVX2), 4096 tokens 1.4-1.9 s masked
-#: vs 2.7-3.3 s augmented; with gradients, forward + backward 6.4 vs 11.6 s.
+#: vs 2.7-3.3 s augmented (SDPA alone); a global block's attention with gradients, slabs rebuilt
+#: in backward, forward + backward 9.0 vs 11.1 s.
 _AUGMENT_FROM = 1024
 _AUGMENT_DTYPES = (torch.bfloat16, torch.float16)
 
