@@ -802,6 +802,8 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             fn()
             print(f"[row {row} done in {time.perf_counter() - t:.0f} s, load {os.getloadavg()[0]:.1f}]", file=sys.stderr, flush=True)
+            # Written after every step, so a run cut short still leaves its finished rows.
+            Path(args.out).write_text(json.dumps({**res, "complete": False}, indent=1, default=str))
     res["load_after"] = os.getloadavg()
     res["total_s"] = time.perf_counter() - t_all
     res["table"] = print_table(res)
@@ -809,7 +811,7 @@ def main(argv=None) -> int:
     print(f"\n{m['cpu']}, {m['physical_cores']} cores, torch {m['torch']}, {m['threads']} threads, native bf16: "
           f"{m['native_bf16']}; load avg before {res['load_before'][0]:.1f}, after {res['load_after'][0]:.1f}; "
           f"total {res['total_s']:.0f} s")
-    Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+    Path(args.out).write_text(json.dumps({**res, "complete": True}, indent=1, default=str))
     return 0
 
 
