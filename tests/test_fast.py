@@ -65,6 +65,7 @@ def test_encoder_bias_paths_match_reference_with_gradients(monkeypatch, augment_
     deep, random stack is too ill-conditioned to compare)."""
     monkeypatch.setattr(fast, "_AUGMENT_FROM", augment_from)
     monkeypatch.setattr(fast, "_AUGMENT_DTYPES", (torch.float32, torch.float64))
+    monkeypatch.setattr(fast, "augment_on_cpu", lambda: True)
     if budget is not None:
         monkeypatch.setattr(fast, "_MASK_BUDGET", budget)
     stock = _sam(OFFICIAL_SHAPED)
@@ -81,6 +82,23 @@ def test_encoder_bias_paths_match_reference_with_gradients(monkeypatch, augment_
         grads.append([xi.grad, *rel])
     assert len(grads[0]) == 1 + OFFICIAL_SHAPED.encoder_depth
     assert all(_rel(a, b) <= 1e-6 for a, b in zip(grads[1], grads[0]))
+
+
+def test_augmented_attention_only_where_it_was_measured_faster(monkeypatch):
+    """bf16 global attention takes the extra channels on CPUs with AMX, the mask elsewhere: on
+    an avx512_bf16 EPYC without AMX the channels made the embedding slower (see _AUGMENT_FROM)."""
+    calls = []
+    monkeypatch.setattr(fast, "_masked_attention", lambda q, *a: calls.append("masked") or torch.zeros_like(q))
+    m = sam_enc.Attention(32, num_heads=2, use_rel_pos=True, input_size=(32, 32))
+    m.__class__ = fast.FastEncoderAttention
+    x = torch.randn(1, 32, 32, 32, dtype=torch.bfloat16)
+    m.to(torch.bfloat16)
+    for flags, path in (({"avx512_bf16"}, "masked"), ({"avx512_bf16", "amx_bf16"}, "augmented")):
+        monkeypatch.setattr(fast, "cpu_flags", lambda flags=flags: frozenset(flags))
+        calls.clear()
+        with torch.no_grad():
+            m(x)
+        assert calls == ([path] if path == "masked" else []), (flags, calls)
 
 
 def test_patch_tokens_are_contiguous():

@@ -65,13 +65,15 @@ log = logging.getLogger(__name__)
 #: Largest additive bias (bytes) built at once by the masked encoder attention (slabs of
 #: windows × heads; 2 heads of a 4096-token global block in fp32).
 _MASK_BUDGET = 192 * 2**20
-#: In bf16/fp16, attention over this many tokens or more carries the relative positions in extra
-#: query/key channels instead of a mask: global attention at 1024² (4096 tokens) and 512² (1024).
-#: Measured at vit_b, 2 threads: bf16 (Intel Xeon, AMX) 4096 tokens 0.38 s augmented vs 0.46 s
-#: masked per block, 196-token windows 54 vs 35 ms. In fp32 the extra channels triple the kernel's
-#: work for nothing and the mask wins everywhere: AMD EPYC (AVX2), 4096 tokens 1.4-1.9 s masked
-#: vs 2.7-3.3 s augmented (SDPA alone); a global block's attention with gradients, slabs rebuilt
-#: in backward, forward + backward 9.0 vs 11.1 s.
+#: In bf16/fp16 on CUDA or a CPU with AMX (:func:`augment_on_cpu`), attention over this many
+#: tokens or more carries the relative positions in extra query/key channels instead of a mask:
+#: global attention at 1024² (4096 tokens) and 512² (1024). Measured at vit_b, 2 threads: bf16
+#: (Intel Xeon, AMX) 4096 tokens 0.38 s augmented vs 0.46 s masked per block, 196-token windows
+#: 54 vs 35 ms; but bf16 on an AMD EPYC with avx512_bf16 and no AMX, the whole 1024² embedding
+#: 5.8-6.2 s augmented vs 4.8 s masked. In fp32 the extra channels triple the kernel's work for
+#: nothing and the mask wins everywhere: AMD EPYC (AVX2), 4096 tokens 1.4-1.9 s masked vs 2.7-3.3
+#: s augmented (SDPA alone); a global block's attention with gradients, slabs rebuilt in
+#: backward, forward + backward 9.0 vs 11.1 s.
 _AUGMENT_FROM = 1024
 _AUGMENT_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -153,6 +155,12 @@ def cpu_has_fast_bf16() -> bool:
     :data:`BF16_MIN_SPEEDUP` × fp32's rate (:func:`bf16_matmul_speedup`); elsewhere oneDNN
     emulates bf16, or runs it no faster, and autocast would be slower than fp32."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
+
+
+def augment_on_cpu() -> bool:
+    """Whether bf16/fp16 global attention on this CPU carries the relative positions as extra
+    query/key channels (AMX: ``amx_bf16``) rather than an additive mask (see ``_AUGMENT_FROM``)."""
+    return "amx_bf16" in cpu_flags()
 
 
 def autocast_dtype_for(device: torch.device | str) -> tuple[torch.dtype | None, str]:
@@ -259,7 +267,8 @@ class FastEncoderAttention(_sam_enc.Attention):
 
     * **masked** (fp32, and windows in any precision; :func:`_masked_attention`): the (N, N)
       bias, built by broadcasting the row and column terms, is SDPA's additive ``attn_mask``;
-    * **augmented** (bf16/fp16 from ``_AUGMENT_FROM`` tokens, the global blocks): queries carry
+    * **augmented** (bf16/fp16 from ``_AUGMENT_FROM`` tokens, the global blocks, on CUDA or a CPU
+      with AMX): queries carry
       their terms and keys their one-hot position as h + w extra channels, so SDPA without a mask
       computes scores and bias in one fused pass and the (N, N) bias never exists. Values get
       h + w zero channels (the CPU flash kernel needs one head size for q, k and v; the output
@@ -282,7 +291,7 @@ class FastEncoderAttention(_sam_enc.Attention):
             r_q = q.reshape(b, nh, h, w, -1)
             t_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).reshape(b, nh, n, h)
             t_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).reshape(b, nh, n, w)
-            if n >= _AUGMENT_FROM and q.dtype in _AUGMENT_DTYPES:
+            if n >= _AUGMENT_FROM and q.dtype in _AUGMENT_DTYPES and (q.device.type != "cpu" or augment_on_cpu()):
                 keys = _key_positions(h, w, q.dtype, q.device)  # (N, h + w)
                 q_aug = torch.cat([q * self.scale, t_h, t_w], dim=-1)
                 k_aug = torch.cat([k, keys.expand(b, nh, n, h + w)], dim=-1)
