@@ -85,20 +85,22 @@ def test_encoder_bias_paths_match_reference_with_gradients(monkeypatch, augment_
 
 
 def test_augmented_attention_only_where_it_was_measured_faster(monkeypatch):
-    """bf16 global attention takes the extra channels on CPUs with AMX, the mask elsewhere: on
-    an avx512_bf16 EPYC without AMX the channels made the embedding slower (see _AUGMENT_FROM)."""
+    """bf16 global attention takes the extra channels on CPUs with AMX or with gradients, the
+    mask elsewhere: on an avx512_bf16 EPYC without AMX the channels made the embedding slower and
+    a training step faster (see _AUGMENT_FROM)."""
     calls = []
     monkeypatch.setattr(fast, "_masked_attention", lambda q, *a: calls.append("masked") or torch.zeros_like(q))
     m = sam_enc.Attention(32, num_heads=2, use_rel_pos=True, input_size=(32, 32))
     m.__class__ = fast.FastEncoderAttention
     x = torch.randn(1, 32, 32, 32, dtype=torch.bfloat16)
     m.to(torch.bfloat16)
-    for flags, path in (({"avx512_bf16"}, "masked"), ({"avx512_bf16", "amx_bf16"}, "augmented")):
+    for flags, grad, path in (({"avx512_bf16"}, False, "masked"), ({"avx512_bf16", "amx_bf16"}, False, "augmented"),
+                              ({"avx512_bf16"}, True, "augmented")):
         monkeypatch.setattr(fast, "cpu_flags", lambda flags=flags: frozenset(flags))
         calls.clear()
-        with torch.no_grad():
-            m(x)
-        assert calls == ([path] if path == "masked" else []), (flags, calls)
+        with torch.set_grad_enabled(grad):
+            m(x.requires_grad_(grad))
+        assert calls == ([path] if path == "masked" else []), (flags, grad, calls)
 
 
 def test_patch_tokens_are_contiguous():

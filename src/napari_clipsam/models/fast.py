@@ -70,7 +70,7 @@ _MASK_BUDGET = 192 * 2**20
 #: global attention at 1024² (4096 tokens) and 512² (1024). Measured at vit_b, 2 threads: bf16
 #: (Intel Xeon, AMX) 4096 tokens 0.38 s augmented vs 0.46 s masked per block, 196-token windows
 #: 54 vs 35 ms; but bf16 on an AMD EPYC with avx512_bf16 and no AMX, the whole 1024² embedding
-#: 5.8-6.2 s augmented vs 4.8 s masked. In fp32 the extra channels triple the kernel's work for
+#: 5.8-6.2 s augmented vs 4.8 s masked (with gradients the channels win there too). In fp32 the extra channels triple the kernel's work for
 #: nothing and the mask wins everywhere: AMD EPYC (AVX2), 4096 tokens 1.4-1.9 s masked vs 2.7-3.3
 #: s augmented (SDPA alone); a global block's attention with gradients, slabs rebuilt in
 #: backward, forward + backward 9.0 vs 11.1 s.
@@ -159,7 +159,10 @@ def cpu_has_fast_bf16() -> bool:
 
 def augment_on_cpu() -> bool:
     """Whether bf16/fp16 global attention on this CPU carries the relative positions as extra
-    query/key channels (AMX: ``amx_bf16``) rather than an additive mask (see ``_AUGMENT_FROM``)."""
+    query/key channels (AMX: ``amx_bf16``) rather than an additive mask (see ``_AUGMENT_FROM``).
+    Where gradients flow through the attention it always does: the masked path rebuilds its bias
+    slabs in backward (bf16 LoRA step at vit_b 1024² on an EPYC without AMX: 7.9 s augmented,
+    10.8 s masked)."""
     return "amx_bf16" in cpu_flags()
 
 
@@ -267,8 +270,8 @@ class FastEncoderAttention(_sam_enc.Attention):
 
     * **masked** (fp32, and windows in any precision; :func:`_masked_attention`): the (N, N)
       bias, built by broadcasting the row and column terms, is SDPA's additive ``attn_mask``;
-    * **augmented** (bf16/fp16 from ``_AUGMENT_FROM`` tokens, the global blocks, on CUDA or a CPU
-      with AMX): queries carry
+    * **augmented** (bf16/fp16 from ``_AUGMENT_FROM`` tokens, the global blocks, on CUDA, a CPU
+      with AMX, or with gradients): queries carry
       their terms and keys their one-hot position as h + w extra channels, so SDPA without a mask
       computes scores and bias in one fused pass and the (N, N) bias never exists. Values get
       h + w zero channels (the CPU flash kernel needs one head size for q, k and v; the output
@@ -291,7 +294,8 @@ class FastEncoderAttention(_sam_enc.Attention):
             r_q = q.reshape(b, nh, h, w, -1)
             t_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).reshape(b, nh, n, h)
             t_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).reshape(b, nh, n, w)
-            if n >= _AUGMENT_FROM and q.dtype in _AUGMENT_DTYPES and (q.device.type != "cpu" or augment_on_cpu()):
+            channels = q.device.type != "cpu" or augment_on_cpu() or q.requires_grad
+            if n >= _AUGMENT_FROM and q.dtype in _AUGMENT_DTYPES and channels:
                 keys = _key_positions(h, w, q.dtype, q.device)  # (N, h + w)
                 q_aug = torch.cat([q * self.scale, t_h, t_w], dim=-1)
                 k_aug = torch.cat([k, keys.expand(b, nh, n, h + w)], dim=-1)
