@@ -32,6 +32,10 @@ def test_two_way_and_mask_head_equal_segment_anything(decoder):
         # token-major rows, as every click adds to and normalises them (strided: a copy per op)
         assert side.keys.is_contiguous() and side.pe.is_contiguous()
         hs, src = two_way(tr, side, tokens)  # 3 prompts on each of 2 rows
+        # keep=2: the first two tokens only, the same values (the final attention's rows are independent)
+        hs2, src2 = two_way(tr, side, tokens, keep=2)
+        assert hs2.shape == (6, 2, c) and torch.equal(src2, src)
+        torch.testing.assert_close(hs2, hs[:, :2], rtol=1e-6, atol=1e-6)
         masks = upscale_masks(decoder.output_upscaling, src, hyper, 4, 4)
         for i in range(6):
             r, j = divmod(i, 3)

@@ -356,6 +356,7 @@ class ClipSam(nn.Module):
         stem = None if skip is None else (enc.stem, p.image_index)
         out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens[None].expand(n, -1, -1).to(sparse.dtype), sparse], dim=1)
+        keep = len(out_tokens)  # _masks_from reads only the IoU and mask tokens
         dev = self.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
         if dense.shape[0] != n:
@@ -363,11 +364,11 @@ class ClipSam(nn.Module):
         with torch.autocast(dev, enabled=False):  # the decoding module picks dtypes per side
             if dense_of == "prompt" or torch.is_grad_enabled() or n == 0:  # one image side per prompt
                 side = image_side(md.transformer, enc.embeddings[p.image_index] + dense, pe.get_dense_pe(), dtype)
-                hs, src = two_way(md.transformer, side, tokens[:, None])
+                hs, src = two_way(md.transformer, side, tokens[:, None], keep)
                 return self._masks_from(hs, src, multimask, stem, tokens_box)
             # The dense input is the same for every prompt of a row: its image side is computed
             # once per row (and kept in enc.sides), then all prompts of the row run on it together.
-            hs = torch.empty(n, *tokens.shape[1:], device=tokens.device)
+            hs = torch.empty(n, keep, tokens.shape[2], device=tokens.device)
             src, order = [], []
             for row in torch.unique(p.image_index).tolist():
                 at = torch.nonzero(p.image_index == row).flatten()
@@ -376,7 +377,7 @@ class ClipSam(nn.Module):
                 if side is None:
                     side = enc.sides[key] = image_side(md.transformer, enc.embeddings[row : row + 1] + dense[at[:1]],
                                                        pe.get_dense_pe(), dtype)
-                h_row, s_row = two_way(md.transformer, side, tokens[at][None])
+                h_row, s_row = two_way(md.transformer, side, tokens[at][None], keep)
                 hs[at] = h_row
                 src.append(s_row)
                 order.append(at)

@@ -197,11 +197,14 @@ def _tokens_to_image_folded(a, queries: torch.Tensor, keys: torch.Tensor, with_p
     return a.out_proj(_merge(out) + a.v_proj.bias)
 
 
-def two_way(tr: TwoWayTransformer, side: ImageSide, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def two_way(tr: TwoWayTransformer, side: ImageSide, tokens: torch.Tensor,
+            keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``tr`` for prompt tokens (R, m, T, C) — m prompts on each of the R rows of ``side`` —
     → (tokens (R·m, T, C) fp32, image tokens (R·m, HW, C) in the side's dtype), as
     ``tr(src, pos, tokens)`` would. Token-side work (small) runs in fp32, image-side work in the
-    side's dtype; call it with autocast off."""
+    side's dtype; call it with autocast off. With ``keep``, only the first ``keep`` tokens come
+    out, (R·m, keep, C): the final attention's rows are independent, so the others (prompt
+    tokens, which the mask decoder does not read) are not computed there."""
     _check(tr)
     r, m, t, c = tokens.shape
     n = r * m
@@ -226,6 +229,7 @@ def two_way(tr: TwoWayTransformer, side: ImageSide, tokens: torch.Tensor) -> tup
             keys = _image_to_tokens(b, _heads(_lin(b.q_proj, with_pe), b.num_heads), queries, qpe, keys)
         keys = _norm(block.norm4, keys)
     a = tr.final_attn_token_to_image
+    queries, qpe = queries[:, :keep], qpe[:, :keep]
     return tr.norm_final_attn(queries + _attend_image(a, queries + qpe, keys, keys + pe)), keys
 
 
