@@ -790,6 +790,9 @@ def main(argv=None) -> int:
     image01 = normalize_image(img)
     models = Models(1024, strategies=("ssp", "adapter-last-4") if args.quick else None)
     res["fast_path"] = models.info.as_dict()
+    def save(complete: bool) -> None:
+        Path(args.out).write_text(json.dumps({**res, "complete": complete}, indent=1, default=str))
+
     steps = [
         (1, lambda: row_embedding(models, image01, args.quick, res)),
         (1, lambda: row_embedding_512(args.quick, res)),
@@ -806,8 +809,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             fn()
             print(f"[row {row} done in {time.perf_counter() - t:.0f} s, load {os.getloadavg()[0]:.1f}]", file=sys.stderr, flush=True)
-            # Written after every step, so a run cut short still leaves its finished rows.
-            Path(args.out).write_text(json.dumps({**res, "complete": False}, indent=1, default=str))
+            save(complete=False)  # after every step: a run cut short still leaves its finished rows
     res["load_after"] = os.getloadavg()
     res["total_s"] = time.perf_counter() - t_all
     res["table"] = print_table(res)
@@ -815,7 +817,7 @@ def main(argv=None) -> int:
     print(f"\n{m['cpu']}, {m['physical_cores']} cores, torch {m['torch']}, {m['threads']} threads, native bf16: "
           f"{m['native_bf16']}; load avg before {res['load_before'][0]:.1f}, after {res['load_after'][0]:.1f}; "
           f"total {res['total_s']:.0f} s")
-    Path(args.out).write_text(json.dumps({**res, "complete": True}, indent=1, default=str))
+    save(complete=True)
     return 0
 
 

@@ -70,10 +70,11 @@ _MASK_BUDGET = 192 * 2**20
 #: global attention at 1024² (4096 tokens) and 512² (1024). Measured at vit_b, 2 threads: bf16
 #: (Intel Xeon, AMX) 4096 tokens 0.38 s augmented vs 0.46 s masked per block, 196-token windows
 #: 54 vs 35 ms; but bf16 on an AMD EPYC with avx512_bf16 and no AMX, the whole 1024² embedding
-#: 5.8-6.2 s augmented vs 4.8 s masked (with gradients the channels win there too). In fp32 the extra channels triple the kernel's work for
-#: nothing and the mask wins everywhere: AMD EPYC (AVX2), 4096 tokens 1.4-1.9 s masked vs 2.7-3.3
-#: s augmented (SDPA alone); a global block's attention with gradients, slabs rebuilt in
-#: backward, forward + backward 9.0 vs 11.1 s.
+#: 5.8-6.2 s augmented vs 4.8 s masked (with gradients the channels win there too: a bf16 LoRA
+#: step at 1024² 7.9 s augmented vs 10.8 s masked, whose bias slabs are rebuilt in backward). In
+#: fp32 the extra channels triple the kernel's work for nothing and the mask wins everywhere: AMD
+#: EPYC (AVX2), 4096 tokens 1.4-1.9 s masked vs 2.7-3.3 s augmented (SDPA alone); a global
+#: block's attention with gradients, slabs rebuilt in backward, forward + backward 9.0 vs 11.1 s.
 _AUGMENT_FROM = 1024
 _AUGMENT_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -158,11 +159,9 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def augment_on_cpu() -> bool:
-    """Whether bf16/fp16 global attention on this CPU carries the relative positions as extra
-    query/key channels (AMX: ``amx_bf16``) rather than an additive mask (see ``_AUGMENT_FROM``).
-    Where gradients flow through the attention it always does: the masked path rebuilds its bias
-    slabs in backward (bf16 LoRA step at vit_b 1024² on an EPYC without AMX: 7.9 s augmented,
-    10.8 s masked)."""
+    """Whether bf16/fp16 global inference attention on this CPU carries the relative positions
+    as extra query/key channels (AMX: ``amx_bf16``) rather than an additive mask; with gradients
+    the channels are used on every CPU (see ``_AUGMENT_FROM``)."""
     return "amx_bf16" in cpu_flags()
 
 
