@@ -21,7 +21,9 @@ automatic mask generator as a user's stock script runs them; rows 1, 2 and 4 "ow
 1. image embedding at 1024²: stock ``SamPredictor.set_image`` vs our SAM encoder on the fast
    path (SDPA fp32, and bf16 autocast where the CPU has native bf16; forced bf16 is measured too
    with its accuracy: embedding relative L2 and mask IoU vs fp32) vs our full ``encode`` per
-   strategy. At 512²: stock ``set_image`` always resizes to 1024 (its only input size), so its
+   strategy. Where the CPU has native bf16, a floor: the same bf16 encoder with the
+   relative-position bias switched off (wrong values, timing only; no exact bias method with the
+   same SDPA kernel gets below it). At 512²: stock ``set_image`` always resizes to 1024 (its only input size), so its
    512² cost is its 1024² cost; ours runs a 512-input config of the same vit_b (32×32 grid).
 2. click → mask: stock ``SamPredictor.predict`` (one point, defaults) vs our ``Segmenter.predict``
    (one point, mask at image size) and our bare ``ClipSam.decode`` (low-res logits).
@@ -240,6 +242,12 @@ def row_embedding(models: Models, image01: np.ndarray, quick: bool, res: dict) -
         rows.append({"row": 1, "case": "ours: SAM encoder, SDPA + bf16 autocast" + ("" if native else " (forced; emulated on this CPU)"),
                      "size": "1024²", "s": tb, "vs_stock": tb["min"] / stock["min"],
                      "note": f"rel L2 {res['bf16_rel_l2']:.4f}, mask IoU min {acc['min']:.3f} / mean {acc['mean']:.3f} over {acc['n']} masks"})
+        if native:
+            floor = time_without_rel_pos(models, lambda: sam.image_encoder(xin), rep)
+            res["bf16_no_bias_floor_s"] = floor["min"]
+            rows.append({"row": 1, "case": "floor: the same bf16 encoder without the relative-position bias", "size": "1024²",
+                         "s": floor, "vs_stock": floor["min"] / stock["min"],
+                         "note": "wrong values, timing only: no exact way of adding SAM's bias gets below this with SDPA"})
 
     full = {}
     for name, m in models.by_strategy.items():
@@ -248,6 +256,23 @@ def row_embedding(models: Models, image01: np.ndarray, quick: bool, res: dict) -
         rows.append({"row": 1, "case": f"ours: encode (SAM + CLIP + text), {name}", "size": "1024²", "s": t,
                      "vs_stock": t["min"] / stock["min"]})
     res["full_encode_s"] = full
+
+
+def time_without_rel_pos(models: Models, encode, repeat: int) -> dict:
+    """Time ``encode`` (bf16 fast path) with every encoder attention's relative-position bias
+    switched off: plain SDPA, the floor for any exact way of adding the bias."""
+    attns = [m for m in models.ssp.sam.image_encoder.modules() if isinstance(m, fast.FastEncoderAttention)]
+    used = [a.use_rel_pos for a in attns]
+    fast.enable_fast_path(models.ssp, bf16=True)
+    try:
+        for a in attns:
+            a.use_rel_pos = False
+        with fast.fast_inference(models.ssp):
+            return timeit(encode, repeat=repeat, warmup=1)
+    finally:
+        for a, u in zip(attns, used):
+            a.use_rel_pos = u
+        models.info = fast.enable_fast_path(models.ssp)
 
 
 def mask_agreement(sam, emb_ref: torch.Tensor, emb_new: torch.Tensor, n: int = 16) -> dict:
