@@ -85,22 +85,20 @@ def test_encoder_bias_paths_match_reference_with_gradients(monkeypatch, augment_
 
 
 def test_augmented_attention_only_where_it_was_measured_faster(monkeypatch):
-    """bf16 global attention takes the extra channels on CPUs with AMX or with gradients, the
-    mask elsewhere: on an avx512_bf16 EPYC without AMX the channels made the embedding slower and
-    a training step faster (see _AUGMENT_FROM)."""
-    calls = []
-    monkeypatch.setattr(fast, "_masked_attention", lambda q, *a: calls.append("masked") or torch.zeros_like(q))
-    m = sam_enc.Attention(32, num_heads=2, use_rel_pos=True, input_size=(32, 32))
-    m.__class__ = fast.FastEncoderAttention
-    x = torch.randn(1, 32, 32, 32, dtype=torch.bfloat16)
-    m.to(torch.bfloat16)
-    for flags, grad, path in (({"avx512_bf16"}, False, "masked"), ({"avx512_bf16", "amx_bf16"}, False, "augmented"),
-                              ({"avx512_bf16"}, True, "augmented")):
+    """bf16 global attention takes the extra channels on CPUs with AMX, with gradients and on
+    CUDA, the mask elsewhere: on an avx512_bf16 EPYC without AMX the channels made the embedding
+    slower and a training step faster (see _AUGMENT_FROM). Windows and fp32 always take the mask.
+    (Both paths give segment-anything's values: the test above.)"""
+    glob, window = 4096, 196
+    cases = [({"avx512_bf16"}, glob, torch.bfloat16, "cpu", False, False),
+             ({"avx512_bf16", "amx_bf16"}, glob, torch.bfloat16, "cpu", False, True),
+             ({"avx512_bf16"}, glob, torch.bfloat16, "cpu", True, True),
+             ({"avx512_bf16"}, glob, torch.bfloat16, "cuda", False, True),
+             ({"avx512_bf16", "amx_bf16"}, window, torch.bfloat16, "cpu", True, False),
+             ({"avx512_bf16", "amx_bf16"}, glob, torch.float32, "cpu", True, False)]
+    for flags, tokens, dtype, device, grad, channels in cases:
         monkeypatch.setattr(fast, "cpu_flags", lambda flags=flags: frozenset(flags))
-        calls.clear()
-        with torch.set_grad_enabled(grad):
-            m(x.requires_grad_(grad))
-        assert calls == ([path] if path == "masked" else []), (flags, grad, calls)
+        assert fast.bias_as_channels(tokens, dtype, torch.device(device), grad) is channels, (flags, tokens, dtype, device, grad)
 
 
 def test_patch_tokens_are_contiguous():

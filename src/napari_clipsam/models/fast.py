@@ -165,6 +165,15 @@ def augment_on_cpu() -> bool:
     return "amx_bf16" in cpu_flags()
 
 
+def bias_as_channels(tokens: int, dtype: torch.dtype, device: torch.device, grad: bool) -> bool:
+    """Whether encoder attention over ``tokens`` tokens in ``dtype`` on ``device`` (``grad``:
+    gradients recorded) applies the relative positions as extra query/key channels rather than
+    an additive mask: bf16/fp16 from ``_AUGMENT_FROM`` tokens (the global blocks), on CUDA, on a
+    CPU where :func:`augment_on_cpu`, or with gradients."""
+    where = torch.device(device).type != "cpu" or augment_on_cpu() or grad
+    return tokens >= _AUGMENT_FROM and dtype in _AUGMENT_DTYPES and where
+
+
 def autocast_dtype_for(device: torch.device | str) -> tuple[torch.dtype | None, str]:
     """(dtype to autocast to on ``device`` or None, the reason in words)."""
     device = torch.device(device)
@@ -293,8 +302,7 @@ class FastEncoderAttention(_sam_enc.Attention):
             r_q = q.reshape(b, nh, h, w, -1)
             t_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).reshape(b, nh, n, h)
             t_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).reshape(b, nh, n, w)
-            channels = q.device.type != "cpu" or augment_on_cpu() or q.requires_grad
-            if n >= _AUGMENT_FROM and q.dtype in _AUGMENT_DTYPES and channels:
+            if bias_as_channels(n, q.dtype, q.device, q.requires_grad):
                 keys = _key_positions(h, w, q.dtype, q.device)  # (N, h + w)
                 q_aug = torch.cat([q * self.scale, t_h, t_w], dim=-1)
                 k_aug = torch.cat([k, keys.expand(b, nh, n, h + w)], dim=-1)
@@ -496,5 +504,6 @@ def fast_inference(model: nn.Module, autocast: bool = True) -> Iterator[FastPath
 
 __all__ = ["FastPathInfo", "FastEncoderAttention", "FastDecoderAttention", "enable_fast_path",
            "disable_fast_path", "fast_inference", "fast_path_info", "fast_path_allowed",
-           "autocast_dtype_for", "bf16_matmul_speedup", "cpu_has_fast_bf16", "cpu_flags", "cpu_model",
+           "autocast_dtype_for", "augment_on_cpu", "bf16_matmul_speedup", "bias_as_channels", "cpu_has_fast_bf16",
+           "cpu_flags", "cpu_model",
            "MALLOC_SETTINGS", "tune_malloc"]
