@@ -234,6 +234,7 @@ def row_embedding(models: Models, image01: np.ndarray, quick: bool, res: dict) -
             with fast.fast_inference(models.ssp):
                 tb = timeit(lambda: sam.image_encoder(xin), repeat=rep if native else 1, warmup=1 if native and not quick else 0)
                 emb_bf16 = sam.image_encoder(xin)
+                floor = time_without_rel_pos(sam.image_encoder, lambda: sam.image_encoder(xin), rep) if native else None
             acc = mask_agreement(sam, ref, emb_bf16)
         finally:
             models.info = fast.enable_fast_path(models.ssp)
@@ -243,8 +244,7 @@ def row_embedding(models: Models, image01: np.ndarray, quick: bool, res: dict) -
         rows.append({"row": 1, "case": "ours: SAM encoder, SDPA + bf16 autocast" + ("" if native else " (forced; emulated on this CPU)"),
                      "size": "1024²", "s": tb, "vs_stock": tb["min"] / stock["min"],
                      "note": f"rel L2 {res['bf16_rel_l2']:.4f}, mask IoU min {acc['min']:.3f} / mean {acc['mean']:.3f} over {acc['n']} masks"})
-        if native:
-            floor = time_without_rel_pos(models, lambda: sam.image_encoder(xin), rep)
+        if floor is not None:
             res["bf16_no_bias_floor_s"] = floor["min"]
             rows.append({"row": 1, "case": "floor: the same bf16 encoder without the relative-position bias", "size": "1024²",
                          "s": floor, "vs_stock": floor["min"] / stock["min"],
@@ -259,21 +259,18 @@ def row_embedding(models: Models, image01: np.ndarray, quick: bool, res: dict) -
     res["full_encode_s"] = full
 
 
-def time_without_rel_pos(models: Models, encode, repeat: int) -> dict:
-    """Time ``encode`` (bf16 fast path) with every encoder attention's relative-position bias
-    switched off: plain SDPA, the floor for any exact way of adding the bias."""
-    attns = [m for m in models.ssp.sam.image_encoder.modules() if isinstance(m, fast.FastEncoderAttention)]
+def time_without_rel_pos(encoder: torch.nn.Module, encode, repeat: int) -> dict:
+    """Time ``encode`` with every attention of ``encoder`` running without its relative-position
+    bias (plain SDPA: the floor for any exact way of adding the bias); the bias is restored after."""
+    attns = [m for m in encoder.modules() if isinstance(m, fast.FastEncoderAttention)]
     used = [a.use_rel_pos for a in attns]
-    fast.enable_fast_path(models.ssp, bf16=True)
     try:
         for a in attns:
             a.use_rel_pos = False
-        with fast.fast_inference(models.ssp):
-            return timeit(encode, repeat=repeat, warmup=1)
+        return timeit(encode, repeat=repeat, warmup=1)
     finally:
         for a, u in zip(attns, used):
             a.use_rel_pos = u
-        models.info = fast.enable_fast_path(models.ssp)
 
 
 def mask_agreement(sam, emb_ref: torch.Tensor, emb_new: torch.Tensor, n: int = 16) -> dict:

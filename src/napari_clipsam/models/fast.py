@@ -170,8 +170,8 @@ def bias_as_channels(tokens: int, dtype: torch.dtype, device: torch.device, grad
     gradients recorded) applies the relative positions as extra query/key channels rather than
     an additive mask: bf16/fp16 from ``_AUGMENT_FROM`` tokens (the global blocks), on CUDA, on a
     CPU where :func:`augment_on_cpu`, or with gradients."""
-    where = torch.device(device).type != "cpu" or augment_on_cpu() or grad
-    return tokens >= _AUGMENT_FROM and dtype in _AUGMENT_DTYPES and where
+    return (tokens >= _AUGMENT_FROM and dtype in _AUGMENT_DTYPES
+            and (torch.device(device).type != "cpu" or augment_on_cpu() or grad))
 
 
 def autocast_dtype_for(device: torch.device | str) -> tuple[torch.dtype | None, str]:
