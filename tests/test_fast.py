@@ -56,13 +56,18 @@ def test_encoder_sdpa_matches_reference_fp32(config):
     assert _rel(out, ref) <= 1e-5
 
 
-@pytest.mark.parametrize("augment_from, budget", [(1, None), (10**9, None), (10**9, 1)],
-                         ids=["augmented", "masked", "masked-one-item-per-slab-recomputed"])
+# float64 bias bytes of one (window, head) item at OFFICIAL_SHAPED, 256² input: a 196-token window
+# 196 · 196 · 8 = 307 328, the 256-token global block 256 · 256 · 8 = 524 288. A 550 000-byte
+# budget makes every item a slab of its own; 131 072 (64 global rows) splits each item's query rows
+# into slabs: 4 of 64 rows in the global block, 83 + 83 + 30 in a window.
+@pytest.mark.parametrize("augment_from, budget", [(1, None), (10**9, None), (10**9, 550_000), (10**9, 131_072)],
+                         ids=["augmented", "masked", "masked-one-item-per-slab-recomputed",
+                              "masked-query-row-slabs-recomputed"])
 def test_encoder_bias_paths_match_reference_with_gradients(monkeypatch, augment_from, budget):
     """Both ways of applying the relative positions (extra query/key channels; an additive mask,
-    in slabs of (window, head) items, rebuilt in backward when there are several) give
-    segment-anything's output (fp32) and gradients (float64: in fp32 the input gradient of this
-    deep, random stack is too ill-conditioned to compare)."""
+    in slabs of (window, head) items or of an item's query rows, rebuilt in backward when there
+    are several) give segment-anything's output (fp32) and gradients (float64: in fp32 the input
+    gradient of this deep, random stack is too ill-conditioned to compare)."""
     monkeypatch.setattr(fast, "_AUGMENT_FROM", augment_from)
     monkeypatch.setattr(fast, "_AUGMENT_DTYPES", (torch.float32, torch.float64))
     monkeypatch.setattr(fast, "augment_on_cpu", lambda: True)
