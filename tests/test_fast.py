@@ -60,17 +60,23 @@ def test_encoder_sdpa_matches_reference_fp32(config):
 # 196 · 196 · 8 = 307 328, the 256-token global block 256 · 256 · 8 = 524 288. A 550 000-byte
 # budget makes every item a slab of its own; 131 072 (64 global rows) splits each item's query rows
 # into slabs: 4 of 64 rows in the global block, 83 + 83 + 30 in a window.
-@pytest.mark.parametrize("augment_from, budget", [(1, None), (10**9, None), (10**9, 550_000), (10**9, 131_072)],
-                         ids=["augmented", "masked", "masked-one-item-per-slab-recomputed",
-                              "masked-query-row-slabs-recomputed"])
-def test_encoder_bias_paths_match_reference_with_gradients(monkeypatch, augment_from, budget):
+@pytest.mark.parametrize("augment_from, budget, product_side",
+                         [(1, None, 0), (10**9, None, 0), (10**9, None, 16), (10**9, 550_000, 0),
+                          (10**9, 131_072, 0), (10**9, 131_072, 16)],
+                         ids=["augmented", "masked", "masked-bias-by-product", "masked-one-item-per-slab-recomputed",
+                              "masked-query-row-slabs-recomputed", "masked-bias-by-product-query-row-slabs-recomputed"])
+def test_encoder_bias_paths_match_reference_with_gradients(monkeypatch, augment_from, budget, product_side):
     """Both ways of applying the relative positions (extra query/key channels; an additive mask,
-    in slabs of (window, head) items or of an item's query rows, rebuilt in backward when there
-    are several) give segment-anything's output (fp32) and gradients (float64: in fp32 the input
-    gradient of this deep, random stack is too ill-conditioned to compare)."""
+    built by broadcasting or as a product with the one-hot key positions, in slabs of (window,
+    head) items or of an item's query rows, rebuilt in backward when there are several) give
+    segment-anything's output (fp32) and gradients (float64: in fp32 the input gradient of this
+    deep, random stack is too ill-conditioned to compare). Here fp32/float64 stand in for the
+    bf16/fp16 that choose the channels and the product outside tests; 256² input: 14-token
+    windows, a 16 × 16 global block."""
     monkeypatch.setattr(fast, "_AUGMENT_FROM", augment_from)
     monkeypatch.setattr(fast, "_AUGMENT_DTYPES", (torch.float32, torch.float64))
     monkeypatch.setattr(fast, "augment_on_cpu", lambda: True)
+    monkeypatch.setattr(fast, "_PRODUCT_BIAS_MAX_SIDE", product_side)
     if budget is not None:
         monkeypatch.setattr(fast, "_MASK_BUDGET", budget)
     stock = _sam(OFFICIAL_SHAPED)
@@ -87,6 +93,23 @@ def test_encoder_bias_paths_match_reference_with_gradients(monkeypatch, augment_
         grads.append([xi.grad, *rel])
     assert len(grads[0]) == 1 + OFFICIAL_SHAPED.encoder_depth
     assert all(_rel(a, b) <= 1e-6 for a, b in zip(grads[1], grads[0]))
+
+
+def test_bias_by_product_is_the_broadcast_sum_in_bf16(monkeypatch):
+    """vit_b windows (14 × 14 tokens) in bf16 build the bias as a product with one-hot key
+    positions: each entry is the sum of one row term and one column term, rounded once, as
+    broadcasting gives it, so the attention is the same to the bit."""
+    q, k, v = (torch.randn(4, 12, 196, 64).bfloat16() for _ in range(3))
+    t_h, t_w = torch.randn(4, 12, 196, 14).bfloat16(), torch.randn(4, 12, 196, 14).bfloat16()
+    calls = []
+    original = fast._bias_slab
+    monkeypatch.setattr(fast, "_bias_slab", lambda *a, keys=None: calls.append(keys is not None) or original(*a, keys=keys))
+    with torch.inference_mode():
+        by_product = fast._masked_attention(q, k, v, t_h, t_w)
+        monkeypatch.setattr(fast, "_PRODUCT_BIAS_MAX_SIDE", 0)
+        broadcast = fast._masked_attention(q, k, v, t_h, t_w)
+    assert calls == [True, False]
+    assert torch.equal(by_product, broadcast)
 
 
 def test_augmented_attention_only_where_it_was_measured_faster(monkeypatch):
