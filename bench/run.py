@@ -114,31 +114,12 @@ def full_encode(model: ClipSam, x: torch.Tensor):
     return run
 
 
-def cpu_id() -> str:
-    """The CPU's family, model and stepping from /proc/cpuinfo (virtual machines often name every
-    AMD CPU just "AMD EPYC": family 25 is Zen 3/4, 26 is Zen 5), or "" where not available."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("cpu family", "model", "stepping") and key not in fields:
-                    fields[key] = value.strip()
-                if not line.strip():
-                    break
-    except OSError:
-        return ""
-    return " ".join(f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields)
-
-
 def matmul_gflops(dtype: torch.dtype, n: int = 4096, repeat: int = 3) -> float:
     """GFLOP/s of one n × n matrix product in ``dtype`` (best of ``repeat`` after a warm-up), with
     the threads set: the machine's rate, so that runs on different machines can be compared."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     with torch.inference_mode():
-        a @ b
-        best = timeit(lambda: a @ b, repeat=repeat, warmup=0)["min"]
+        best = timeit(lambda: a @ b, repeat=repeat, warmup=1)["min"]
     return 2 * n**3 / best / 1e9
 
 
@@ -153,7 +134,7 @@ def machine_info(threads: int) -> dict:
         commit = ""
     return {
         "cpu": fast.cpu_model(),
-        "cpu_id": cpu_id(),
+        "cpu_id": fast.cpu_id(),
         "matmul_gflops": {"fp32": round(matmul_gflops(torch.float32)),
                           "bf16": round(matmul_gflops(torch.bfloat16)) if fast.cpu_has_fast_bf16() else None},
         "logical_cores": os.cpu_count(),

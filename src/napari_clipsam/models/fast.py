@@ -112,28 +112,38 @@ def fast_path_allowed() -> bool:
 
 # ---- hardware -------------------------------------------------------------------------------
 @lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """CPU feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in Linux ``/proc/cpuinfo`` (empty elsewhere)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return frozenset()
+    return fields
+
+
+def cpu_flags() -> frozenset[str]:
+    """CPU feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    info = _cpuinfo()
+    return frozenset(info.get("flags", info.get("Features", "")).split())
 
 
 def cpu_model() -> str:
     """A human-readable CPU name."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_id() -> str:
+    """The CPU's family, model and stepping, e.g. "cpu family 26 model 2 stepping 1" ("" where
+    /proc/cpuinfo does not give them): virtual machines often name every AMD CPU just "AMD EPYC"
+    (family 25 is Zen 3/4, 26 is Zen 5)."""
+    info = _cpuinfo()
+    return " ".join(f"{k} {info[k]}" for k in ("cpu family", "model", "stepping") if k in info)
 
 
 #: bf16 autocast is used on a CPU only where a bf16 matrix product runs at least this many times
@@ -533,5 +543,5 @@ def fast_inference(model: nn.Module, autocast: bool = True) -> Iterator[FastPath
 __all__ = ["FastPathInfo", "FastEncoderAttention", "FastDecoderAttention", "enable_fast_path",
            "disable_fast_path", "fast_inference", "fast_path_info", "fast_path_allowed",
            "autocast_dtype_for", "augment_on_cpu", "bf16_matmul_speedup", "bias_as_channels", "cpu_has_fast_bf16",
-           "cpu_flags", "cpu_model",
+           "cpu_flags", "cpu_id", "cpu_model",
            "MALLOC_SETTINGS", "tune_malloc"]
