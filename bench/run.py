@@ -233,10 +233,14 @@ def row_embedding(models: Models, image01: np.ndarray, quick: bool, res: dict) -
         xin = (x255 * 255.0 - sam.pixel_mean) / sam.pixel_std
         t = timeit(lambda: sam.image_encoder(xin), repeat=rep, warmup=0 if quick else 1)
         ours = sam.image_encoder(xin)
+        t_torch = time_with_torch_linear(lambda: sam.image_encoder(xin), rep, models.info)
     rows.append({"row": 1, "case": "ours: SAM encoder, SDPA fp32", "size": "1024²", "s": t,
                  "vs_stock": t["min"] / stock["min"],
                  "note": f"rel L2 vs stock {rel_l2(ours, ref):.1e}"})
     res["fp32_fast_rel_l2"] = rel_l2(ours, ref)
+    if t_torch is not None:
+        rows.append({"row": 1, "case": "ours: SAM encoder, SDPA fp32, torch's linear layers (NAPARI_CLIPSAM_ONEDNN=0)",
+                     "size": "1024²", "s": t_torch, "vs_stock": t_torch["min"] / stock["min"]})
 
     # bf16: native where the CPU has it, else forced (emulated, slow) for the accuracy numbers.
     native = models.info.autocast_dtype is not None
@@ -247,6 +251,7 @@ def row_embedding(models: Models, image01: np.ndarray, quick: bool, res: dict) -
                 tb = timeit(lambda: sam.image_encoder(xin), repeat=rep if native else 1, warmup=1 if native and not quick else 0)
                 emb_bf16 = sam.image_encoder(xin)
                 floor = time_without_rel_pos(sam.image_encoder, lambda: sam.image_encoder(xin), rep) if native else None
+                tb_torch = time_with_torch_linear(lambda: sam.image_encoder(xin), rep, models.info) if native else None
             acc = mask_agreement(sam, ref, emb_bf16)
         finally:
             models.info = fast.enable_fast_path(models.ssp)
@@ -256,6 +261,10 @@ def row_embedding(models: Models, image01: np.ndarray, quick: bool, res: dict) -
         rows.append({"row": 1, "case": "ours: SAM encoder, SDPA + bf16 autocast" + ("" if native else " (forced; emulated on this CPU)"),
                      "size": "1024²", "s": tb, "vs_stock": tb["min"] / stock["min"],
                      "note": f"rel L2 {res['bf16_rel_l2']:.4f}, mask IoU min {acc['min']:.3f} / mean {acc['mean']:.3f} over {acc['n']} masks"})
+        if tb_torch is not None:
+            rows.append({"row": 1, "case": "ours: SAM encoder, SDPA + bf16 autocast, torch's linear layers "
+                         "(NAPARI_CLIPSAM_ONEDNN=0)", "size": "1024²", "s": tb_torch,
+                         "vs_stock": tb_torch["min"] / stock["min"]})
         if floor is not None:
             res["bf16_no_bias_floor_s"] = floor["min"]
             rows.append({"row": 1, "case": "floor: the same bf16 encoder without the relative-position bias", "size": "1024²",
@@ -269,6 +278,22 @@ def row_embedding(models: Models, image01: np.ndarray, quick: bool, res: dict) -
         rows.append({"row": 1, "case": f"ours: encode (SAM + CLIP + text), {name}", "size": "1024²", "s": t,
                      "vs_stock": t["min"] / stock["min"]})
     res["full_encode_s"] = full
+
+
+def time_with_torch_linear(encode, repeat: int, info: fast.FastPathInfo) -> dict | None:
+    """Time ``encode`` with the encoder's linear layers left to torch (``NAPARI_CLIPSAM_ONEDNN=0``),
+    to show what oneDNN's fused linear gives; None where the fast path does not use it."""
+    if not info.onednn_linear:
+        return None
+    before = os.environ.get("NAPARI_CLIPSAM_ONEDNN")
+    os.environ["NAPARI_CLIPSAM_ONEDNN"] = "0"
+    try:
+        return timeit(encode, repeat=repeat, warmup=1)
+    finally:
+        if before is None:
+            del os.environ["NAPARI_CLIPSAM_ONEDNN"]
+        else:
+            os.environ["NAPARI_CLIPSAM_ONEDNN"] = before
 
 
 def time_without_rel_pos(encoder: torch.nn.Module, encode, repeat: int) -> dict:

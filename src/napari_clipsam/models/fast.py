@@ -1,7 +1,7 @@
 """Inference fast path for SAM's parts (inside :class:`~napari_clipsam.models.clipsam.ClipSam`
 or a plain segment-anything ``Sam``).
 
-Four pieces, all reversible and none touching a parameter:
+Five pieces, all reversible and none touching a parameter:
 
 * **SDPA attention in the image encoder.** segment-anything's ``image_encoder.Attention``
   materialises the (N, N) score matrix, adds the decomposed relative-position terms and runs a
@@ -12,6 +12,10 @@ Four pieces, all reversible and none touching a parameter:
   :class:`FastEncoderAttention`).
 * **Contiguous patch tokens** (:class:`FastPatchEmbed`): stock hands the blocks a strided view,
   which slows every element-wise op of the encoder.
+* **oneDNN linear layers in the image encoder** (:class:`FastEncoderMLP` and the attention's
+  ``qkv``/``proj``, through :func:`~napari_clipsam.models.onednn.linear`): on x86 CPUs, each
+  linear layer, with the MLP's GELU fused into the first, is one oneDNN call when no gradient is
+  needed (torch's fp32 products go through MKL, which takes its AVX2 code on AMD CPUs).
 * **SDPA in the mask decoder's two-way transformer** (click latency). The decoder itself is
   run by :mod:`~napari_clipsam.models.decoding` (always: same math as segment-anything's): the
   prompt-independent image side is computed once per image and, under autocast, the image-side
@@ -26,10 +30,11 @@ kept for reuse, instead of glibc's defaults, which hand such buffers back to the
 them in again page by page on the next call (millions of page faults per ``segment_text`` at
 vit_b).
 
-The swap is a class swap of SAM's attention and patch-embedding modules (``module.__class__``):
-parameters, buffers, ``state_dict`` keys and submodules stay as they are, so checkpoints load
-unchanged and peft's LoRA wrapping ``attn.qkv`` keeps working (the fast forward calls
-``self.qkv(x)``, never its weight).
+The swap is a class swap of SAM's attention, patch-embedding and encoder MLP modules
+(``module.__class__``): parameters, buffers, ``state_dict`` keys and submodules stay as they
+are, so checkpoints load unchanged and peft's LoRA wrapping ``attn.qkv`` keeps working (the fast
+forward calls ``self.qkv(x)`` for any module that is not a plain ``nn.Linear``, never its
+weight).
 
 Tolerances (tests/test_fast.py; bench/run.py at vit_b size): SDPA in fp32 is the same math as
 the reference — relative difference ≤ 1e-5. Under bf16 autocast the image embedding differs from
@@ -38,7 +43,8 @@ the fp32 reference by a relative L2 ≤ 1e-2 and masks by IoU ≥ 0.98.
 Switches: ``NAPARI_CLIPSAM_FAST=0`` turns the whole fast path off (:func:`enable_fast_path`
 then restores stock modules); ``NAPARI_CLIPSAM_BF16=0|1`` overrides the autocast decision;
 ``NAPARI_CLIPSAM_THREADS=n`` sets torch's intra-op threads; ``NAPARI_CLIPSAM_MALLOC=0`` leaves
-glibc's allocator settings alone. All but the last have a parameter twin.
+glibc's allocator settings alone; ``NAPARI_CLIPSAM_ONEDNN=0`` keeps torch's own linear layers.
+The first three have a parameter twin.
 """
 
 from __future__ import annotations
@@ -55,10 +61,13 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling import common as _sam_common
 from segment_anything.modeling import image_encoder as _sam_enc
 from segment_anything.modeling import transformer as _sam_tr
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .onednn import linear, onednn_linear_available
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +339,7 @@ class FastEncoderAttention(_sam_enc.Attention):
         b, h, w, _ = x.shape
         n = h * w
         nh = self.num_heads
-        qkv = self.qkv(x).reshape(b, n, 3, nh, -1).permute(2, 0, 3, 1, 4)
+        qkv = linear(x, self.qkv).reshape(b, n, 3, nh, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, nh, N, c)
         if not self.use_rel_pos:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -349,7 +358,20 @@ class FastEncoderAttention(_sam_enc.Attention):
             else:
                 out = _masked_attention(q, k, v, t_h, t_w)
         out = out.reshape(b, nh, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-        return self.proj(out)
+        return linear(out, self.proj)
+
+
+class FastEncoderMLP(_sam_common.MLPBlock):
+    """segment-anything's ``MLPBlock`` in the image encoder, each linear layer (the first with
+    its GELU) one oneDNN call where :func:`~napari_clipsam.models.onednn.linear` applies (same
+    math). Only the encoder's: in the mask decoder the token-side products are small, the grid
+    mode was no faster, and its labels moved with the last bits of fp32 (F1 0.967 against
+    F.linear with random weights)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.act) is nn.GELU and self.act.approximate == "none":
+            return linear(linear(x, self.lin1, "gelu"), self.lin2)
+        return super().forward(x)
 
 
 class FastPatchEmbed(_sam_enc.PatchEmbed):
@@ -381,6 +403,7 @@ _SWAPS: dict[type, type] = {
     _sam_tr.Attention: FastDecoderAttention,
 }
 _UNSWAPS: dict[type, type] = {v: k for k, v in _SWAPS.items()}
+_UNSWAPS[FastEncoderMLP] = _sam_common.MLPBlock  # swapped in the encoder's blocks only
 
 
 # ---- enabling -------------------------------------------------------------------------------
@@ -389,14 +412,16 @@ class FastPathInfo:
     """What :func:`enable_fast_path` did.
 
     enabled: any part of the fast path is on; encoder_modules / decoder_modules: attention
-    modules running SDPA; autocast_dtype: dtype :func:`fast_inference` autocasts to (None: fp32);
-    device: the model's device type; threads: torch intra-op threads after the call;
-    notes: reasons for each decision.
+    modules running SDPA; onednn_linear: the encoder's linear layers run oneDNN's fused linear
+    (:mod:`~napari_clipsam.models.onednn`; CPU inference); autocast_dtype: dtype
+    :func:`fast_inference` autocasts to (None: fp32); device: the model's device type; threads:
+    torch intra-op threads after the call; notes: reasons for each decision.
     """
 
     enabled: bool = False
     encoder_modules: int = 0
     decoder_modules: int = 0
+    onednn_linear: bool = False
     autocast_dtype: torch.dtype | None = None
     device: str = "cpu"
     threads: int = 0
@@ -405,6 +430,7 @@ class FastPathInfo:
     def as_dict(self) -> dict:
         return {"enabled": self.enabled, "encoder_modules": self.encoder_modules,
                 "decoder_modules": self.decoder_modules,
+                "onednn_linear": self.onednn_linear,
                 "autocast_dtype": None if self.autocast_dtype is None else str(self.autocast_dtype).replace("torch.", ""),
                 "device": self.device, "threads": self.threads, "notes": list(self.notes)}
 
@@ -472,6 +498,13 @@ def enable_fast_path(
                 info.decoder_modules += new is FastDecoderAttention
     else:
         info.notes.append("SDPA off (sdpa=False)")
+    for m in model.modules():
+        if isinstance(m, _sam_enc.Block) and type(m.mlp) is _sam_common.MLPBlock:
+            m.mlp.__class__ = FastEncoderMLP
+    if device.type == "cpu":
+        info.onednn_linear = onednn_linear_available()
+        info.notes.append("encoder linear layers: oneDNN's fused linear (+ GELU)" if info.onednn_linear
+                          else "encoder linear layers: torch's (no oneDNN fused linear, or NAPARI_CLIPSAM_ONEDNN=0)")
 
     env_bf16 = _env_flag("NAPARI_CLIPSAM_BF16")
     if bf16 is None and env_bf16 is not None:
@@ -496,14 +529,15 @@ def enable_fast_path(
             if isinstance(m, _sam_enc.ImageEncoderViT):
                 hooks.append(m.neck.register_forward_hook(_to_float32))
     object.__setattr__(model, _HOOKS_ATTR, hooks)
-    info.enabled = bool(info.encoder_modules or info.decoder_modules or info.autocast_dtype)
+    info.enabled = bool(info.encoder_modules or info.decoder_modules or info.onednn_linear or info.autocast_dtype)
     setattr(model, _INFO_ATTR, info)
     log.info("fast path: %s", info.as_dict())
     return info
 
 
 def disable_fast_path(model: nn.Module) -> None:
-    """Restore segment-anything's own attention modules and drop the autocast hooks."""
+    """Restore segment-anything's own attention, patch-embedding and MLP modules and drop the
+    autocast hooks."""
     for m in model.modules():
         old = _UNSWAPS.get(type(m))
         if old is not None:
@@ -540,7 +574,7 @@ def fast_inference(model: nn.Module, autocast: bool = True) -> Iterator[FastPath
                 yield info
 
 
-__all__ = ["FastPathInfo", "FastEncoderAttention", "FastDecoderAttention", "enable_fast_path",
+__all__ = ["FastPathInfo", "FastEncoderAttention", "FastEncoderMLP", "FastDecoderAttention", "enable_fast_path",
            "disable_fast_path", "fast_inference", "fast_path_info", "fast_path_allowed",
            "autocast_dtype_for", "augment_on_cpu", "bf16_matmul_speedup", "bias_as_channels", "cpu_has_fast_bf16",
            "cpu_flags", "cpu_id", "cpu_model",
