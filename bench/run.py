@@ -23,7 +23,9 @@ automatic mask generator as a user's stock script runs them; rows 1, 2 and 4 "ow
    with its accuracy: embedding relative L2 and mask IoU vs fp32) vs our full ``encode`` per
    strategy. Where the CPU has native bf16, a floor: the same bf16 encoder with the
    relative-position bias switched off (wrong values, timing only; no exact bias method with the
-   same SDPA kernel gets below it). At 512²: stock ``set_image`` always resizes to 1024 (its only
+   same SDPA kernel gets below it). Where the fast path runs the encoder's linear layers through
+   oneDNN (models/onednn.py), the fp32 and bf16 encoder once more with torch's linear layers
+   (``NAPARI_CLIPSAM_ONEDNN=0``). At 512²: stock ``set_image`` always resizes to 1024 (its only
    input size), so its 512² cost is its 1024² cost; ours runs a 512-input config of the same
    vit_b (32×32 grid).
 2. click → mask: stock ``SamPredictor.predict`` (one point, defaults) vs our ``Segmenter.predict``
