@@ -125,3 +125,15 @@ def test_encoder_mlps_swapped_and_restored():
     assert (FUSED in ops) == info.onednn_linear
     fast.disable_fast_path(sam)
     assert all(type(b.mlp) is sam_common.MLPBlock for b in sam.image_encoder.blocks)
+
+
+def test_first_check_under_autocast_still_finds_the_op():
+    # The once-per-process check compares with an fp32 reference even when it first runs inside
+    # the caller's bf16 autocast (where F.linear would run in bf16 and fail the fp32 tolerance).
+    onednn._supported.cache_clear()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            found = onednn.onednn_linear_available(torch.float32)
+        assert found == X86
+    finally:
+        onednn._supported.cache_clear()

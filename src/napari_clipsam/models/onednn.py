@@ -37,6 +37,7 @@ def _fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, act, [], "none" if act == "gelu" else "")
 
 
+@torch.autocast("cpu", enabled=False)  # the reference in fp32, whatever the caller's context
 def _agrees(dtype: torch.dtype, tol: float) -> bool:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 24, generator=g).to(dtype)
