@@ -63,6 +63,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -287,15 +288,8 @@ def time_with_torch_linear(encode, repeat: int, info: fast.FastPathInfo) -> dict
     to show what oneDNN's fused linear gives; None where the fast path does not use it."""
     if not info.onednn_linear:
         return None
-    before = os.environ.get("NAPARI_CLIPSAM_ONEDNN")
-    os.environ["NAPARI_CLIPSAM_ONEDNN"] = "0"
-    try:
+    with mock.patch.dict(os.environ, {"NAPARI_CLIPSAM_ONEDNN": "0"}):
         return timeit(encode, repeat=repeat, warmup=1)
-    finally:
-        if before is None:
-            del os.environ["NAPARI_CLIPSAM_ONEDNN"]
-        else:
-            os.environ["NAPARI_CLIPSAM_ONEDNN"] = before
 
 
 def time_without_rel_pos(encoder: torch.nn.Module, encode, repeat: int) -> dict:

@@ -95,6 +95,9 @@ def test_switch_and_other_modules_fall_back(monkeypatch):
     with torch.inference_mode():
         out, ops = _ops(lambda: onednn.linear(x, layer, "gelu"))
     assert FUSED not in ops and torch.equal(out, F.gelu(layer(x)))
+    monkeypatch.setenv("NAPARI_CLIPSAM_ONEDNN", "maybe")  # parsed like the other switches
+    with torch.inference_mode(), pytest.raises(ValueError, match="NAPARI_CLIPSAM_ONEDNN"):
+        onednn.linear(x, layer)
     monkeypatch.delenv("NAPARI_CLIPSAM_ONEDNN")
 
     class Scaled(nn.Linear):  # any subclass (peft's LoRA layers wrap instead) keeps its own forward

@@ -68,6 +68,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .onednn import linear, onednn_linear_available
+from .switches import env_flag
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +103,9 @@ _HOOKS_ATTR = "_clipsam_fast_hooks"
 
 
 # ---- switches -------------------------------------------------------------------------------
-def _env_flag(name: str) -> bool | None:
-    """``1/true/on/yes`` → True, ``0/false/off/no`` → False, unset/empty → None."""
-    v = os.environ.get(name, "").strip().lower()
-    if not v:
-        return None
-    if v in ("1", "true", "on", "yes"):
-        return True
-    if v in ("0", "false", "off", "no"):
-        return False
-    raise ValueError(f"{name}={v!r}: use 1 or 0")
-
-
 def fast_path_allowed() -> bool:
     """False when ``NAPARI_CLIPSAM_FAST=0`` (the user turned the fast path off)."""
-    return _env_flag("NAPARI_CLIPSAM_FAST") is not False
+    return env_flag("NAPARI_CLIPSAM_FAST") is not False
 
 
 # ---- hardware -------------------------------------------------------------------------------
@@ -243,7 +232,7 @@ def tune_malloc() -> str:
     undone; skipped with ``NAPARI_CLIPSAM_MALLOC=0``, off Linux, and where the C library is not
     glibc.
     """
-    if _env_flag("NAPARI_CLIPSAM_MALLOC") is False:
+    if env_flag("NAPARI_CLIPSAM_MALLOC") is False:
         return "allocator untouched (NAPARI_CLIPSAM_MALLOC=0)"
     if platform.system() != "Linux":
         return f"allocator untouched ({platform.system()}: not glibc)"
@@ -506,7 +495,7 @@ def enable_fast_path(
         info.notes.append("encoder linear layers: oneDNN's fused linear (+ GELU)" if info.onednn_linear
                           else "encoder linear layers: torch's (no oneDNN fused linear, or NAPARI_CLIPSAM_ONEDNN=0)")
 
-    env_bf16 = _env_flag("NAPARI_CLIPSAM_BF16")
+    env_bf16 = env_flag("NAPARI_CLIPSAM_BF16")
     if bf16 is None and env_bf16 is not None:
         bf16 = env_bf16
         info.notes.append(f"NAPARI_CLIPSAM_BF16={int(env_bf16)}")

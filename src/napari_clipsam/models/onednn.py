@@ -6,8 +6,8 @@ over memory. ``torch.ops.mkldnn._linear_pointwise`` (what ``torch.compile``'s CP
 for a linear layer and its activation) runs the product in oneDNN and applies the bias and the
 activation as the result is written. Measured on an AMD EPYC (Zen 5, 2 threads): MKL's fp32
 products ran at 198-225 GFLOP/s against oneDNN's 373-499 (MKL takes its AVX2 code on AMD), and
-a vit_b 1024² embedding through :func:`linear` took 5.08 → 3.15 s in fp32 and 2.51 → 2.36 s in
-bf16 (best of 6, interleaved).
+a vit_b 1024² embedding with the fast path's encoder layers through :func:`linear` took 5.08 →
+3.25 s in fp32 and 2.51 → 2.45 s in bf16 (best of 5, interleaved in one process).
 
 :func:`linear` uses the op only where no gradient is needed (it has no backward), for a plain
 ``nn.Linear`` (a peft LoRA wrapper keeps its own forward) on CPU tensors in fp32, or in bf16
@@ -19,13 +19,14 @@ builds with oneDNN, and is checked once per process against ``F.linear`` before 
 from __future__ import annotations
 
 import logging
-import os
 import platform
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .switches import env_flag
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def _supported(dtype: torch.dtype) -> bool:
 
 def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether :func:`linear` runs oneDNN's fused linear for CPU tensors of ``dtype`` here."""
-    if os.environ.get("NAPARI_CLIPSAM_ONEDNN", "").strip().lower() in ("0", "false", "off", "no"):
+    if env_flag("NAPARI_CLIPSAM_ONEDNN") is False:
         return False
     return dtype in (torch.float32, torch.bfloat16) and _supported(dtype)
 
@@ -85,13 +86,12 @@ def linear(x: torch.Tensor, layer: nn.Module, act: str = "none") -> torch.Tensor
     as ``nn.Linear`` would."""
     if act not in _ACTIVATIONS:
         raise ValueError(f"linear: act must be one of {sorted(_ACTIVATIONS)}, got {act!r}")
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    bias = layer.bias if type(layer) is nn.Linear else None
-    if (type(layer) is nn.Linear and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and onednn_linear_available(dtype)
-            and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad
-                                                  or (bias is not None and bias.requires_grad)))):
-        return _fused(x.to(dtype).contiguous(), layer.weight.to(dtype), None if bias is None else bias.to(dtype), act)
+    if type(layer) is nn.Linear and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        w, b = layer.weight, layer.bias
+        grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))
+        if not grads and onednn_linear_available(dtype):
+            return _fused(x.to(dtype).contiguous(), w.to(dtype), None if b is None else b.to(dtype), act)
     y = layer(x)
     fn = _ACTIVATIONS[act]
     return fn(y) if fn else y
