@@ -21,11 +21,12 @@ automatic mask generator as a user's stock script runs them; rows 1, 2 and 4 "ow
 1. image embedding at 1024²: stock ``SamPredictor.set_image`` vs our SAM encoder on the fast
    path (SDPA fp32, and bf16 autocast where the CPU has native bf16; forced bf16 is measured too
    with its accuracy: embedding relative L2 and mask IoU vs fp32) vs our full ``encode`` per
-   strategy. Where the CPU has native bf16, a floor: the same bf16 encoder with the
-   relative-position bias switched off (wrong values, timing only; no exact bias method with the
-   same SDPA kernel gets below it). Where the fast path runs the encoder's linear layers through
-   oneDNN (models/onednn.py), the fp32 and bf16 encoder once more with torch's linear layers
-   (``NAPARI_CLIPSAM_ONEDNN=0``). At 512²: stock ``set_image`` always resizes to 1024 (its only
+   strategy. Where the CPU has native bf16: the floor, the encoder's FLOPs (counted by torch's
+   ``FlopCounterMode``: 972 G for vit_b at 1024²) at this machine's 4096² bf16 matmul rate
+   (computed, not timed); and the bf16 encoder once more with its attention as SDPA's flash
+   kernel with an additive mask (``fast.explicit_scores`` off: what the explicit bf16 products
+   give). Where the fast path runs the encoder's linear layers through oneDNN (models/onednn.py),
+   the fp32 and bf16 encoder once more with torch's linear layers (``NAPARI_CLIPSAM_ONEDNN=0``). At 512²: stock ``set_image`` always resizes to 1024 (its only
    input size), so its 512² cost is its 1024² cost; ours runs a 512-input config of the same
    vit_b (32×32 grid).
 2. click → mask: stock ``SamPredictor.predict`` (one point, defaults) vs our ``Segmenter.predict``
@@ -253,26 +254,33 @@ def row_embedding(models: Models, image01: np.ndarray, quick: bool, res: dict) -
             with fast.fast_inference(models.ssp):
                 tb = timeit(lambda: sam.image_encoder(xin), repeat=rep if native else 1, warmup=1 if native and not quick else 0)
                 emb_bf16 = sam.image_encoder(xin)
-                floor = time_without_rel_pos(sam.image_encoder, lambda: sam.image_encoder(xin), rep) if native else None
                 tb_torch = time_with_torch_linear(lambda: sam.image_encoder(xin), rep, models.info) if native else None
+                tb_flash = time_with_flash_attention(lambda: sam.image_encoder(xin), rep) if native else None
             acc = mask_agreement(sam, ref, emb_bf16)
         finally:
             models.info = fast.enable_fast_path(models.ssp)
         res["bf16_embedding_s"] = tb["min"]
         res["bf16_rel_l2"] = rel_l2(emb_bf16, ref)
         res["bf16_mask_iou_min"] = acc["min"]
-        rows.append({"row": 1, "case": "ours: SAM encoder, SDPA + bf16 autocast" + ("" if native else " (forced; emulated on this CPU)"),
+        rows.append({"row": 1, "case": "ours: SAM encoder, fast path, bf16 autocast" + ("" if native else " (forced; emulated on this CPU)"),
                      "size": "1024²", "s": tb, "vs_stock": tb["min"] / stock["min"],
                      "note": f"rel L2 {res['bf16_rel_l2']:.4f}, mask IoU min {acc['min']:.3f} / mean {acc['mean']:.3f} over {acc['n']} masks"})
         if tb_torch is not None:
-            rows.append({"row": 1, "case": "ours: SAM encoder, SDPA + bf16 autocast, torch's linear layers "
+            rows.append({"row": 1, "case": "ours: SAM encoder, fast path, bf16 autocast, torch's linear layers "
                          "(NAPARI_CLIPSAM_ONEDNN=0)", "size": "1024²", "s": tb_torch,
                          "vs_stock": tb_torch["min"] / stock["min"]})
-        if floor is not None:
-            res["bf16_no_bias_floor_s"] = floor["min"]
-            rows.append({"row": 1, "case": "floor: the same bf16 encoder without the relative-position bias", "size": "1024²",
-                         "s": floor, "vs_stock": floor["min"] / stock["min"],
-                         "note": "wrong values, timing only: no exact way of adding SAM's bias gets below this with SDPA"})
+        if tb_flash is not None:
+            rows.append({"row": 1, "case": "ours: SAM encoder, bf16 autocast, attention as SDPA's flash kernel + mask",
+                         "size": "1024²", "s": tb_flash, "vs_stock": tb_flash["min"] / stock["min"],
+                         "note": "fast.explicit_scores off (the fast path before the explicit bf16 products)"})
+        rate = res["machine"]["matmul_gflops"]["bf16"]
+        if native and rate:
+            flops = encoder_flops(sam.image_encoder)
+            floor = flops / (rate * 1e9)
+            res["bf16_flop_floor_s"] = floor
+            rows.append({"row": 1, "case": "floor: the encoder's FLOPs at this machine's 4096² bf16 matmul rate",
+                         "size": "1024²", "s": {"min": floor}, "vs_stock": floor / stock["min"],
+                         "note": f"{flops / 1e9:.0f} GFLOP / {rate} GFLOP/s, computed; ours bf16 = {tb['min'] / floor:.2f} × floor"})
 
     full = {}
     for name, m in models.by_strategy.items():
@@ -292,18 +300,24 @@ def time_with_torch_linear(encode, repeat: int, info: fast.FastPathInfo) -> dict
         return timeit(encode, repeat=repeat, warmup=1)
 
 
-def time_without_rel_pos(encoder: torch.nn.Module, encode, repeat: int) -> dict:
-    """Time ``encode`` with every attention of ``encoder`` running without its relative-position
-    bias (plain SDPA: the floor for any exact way of adding the bias); the bias is restored after."""
-    attns = [m for m in encoder.modules() if isinstance(m, fast.FastEncoderAttention)]
-    used = [a.use_rel_pos for a in attns]
-    try:
-        for a in attns:
-            a.use_rel_pos = False
+def time_with_flash_attention(encode, repeat: int) -> dict:
+    """Time ``encode`` with the encoder's bf16 attention left to SDPA's flash kernel and an
+    additive mask (``fast.explicit_scores`` off), to show what the explicit products give."""
+    with mock.patch.object(fast, "explicit_scores", lambda *args: False):
         return timeit(encode, repeat=repeat, warmup=1)
-    finally:
-        for a, u in zip(attns, used):
-            a.use_rel_pos = u
+
+
+def encoder_flops(encoder: torch.nn.Module) -> int:
+    """FLOPs of one forward of (a copy of) ``encoder`` on one image, counted by torch's
+    ``FlopCounterMode`` on the meta device (no arithmetic runs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = copy.deepcopy(encoder).to("meta")
+    fast.disable_fast_path(meta)  # count stock's operations: SDPA and oneDNN ops count differently
+    x = torch.empty(1, 3, encoder.img_size, encoder.img_size, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        meta(x)
+    return counter.get_total_flops()
 
 
 def mask_agreement(sam, emb_ref: torch.Tensor, emb_new: torch.Tensor, n: int = 16) -> dict:

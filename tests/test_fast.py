@@ -112,6 +112,61 @@ def test_bias_by_product_is_the_broadcast_sum_in_bf16(monkeypatch):
     assert torch.equal(by_product, broadcast)
 
 
+# float64 score bytes of one (window, head) item at OFFICIAL_SHAPED, 256² input: a 196-token window
+# 196 · 196 · 8 = 307 328, the 256-token global block 524 288. 700 000 bytes: two window items a
+# chunk, one global item; 100 000: 63-row chunks in a window (63 + 63 + 63 + 7), 48 in the global
+# block.
+@pytest.mark.parametrize("budget", [None, 700_000, 100_000], ids=["default", "items-per-chunk", "query-rows-per-chunk"])
+def test_explicit_attention_is_segment_anythings_math_in_float64(monkeypatch, budget):
+    """The explicit path (bf16 inference on a CPU outside tests: bf16 products, fp32 scores) is
+    the same math as segment-anything's attention: in float64 every step keeps float64, so the
+    encoder's output matches stock's to rounding, however the scores are chunked."""
+    monkeypatch.setattr(fast, "explicit_scores", lambda *args: True)
+    if budget is not None:
+        monkeypatch.setattr(fast, "_SCORES_BUDGET", budget)
+    calls = []
+    original = fast._explicit_attention
+    monkeypatch.setattr(fast, "_explicit_attention", lambda *a: calls.append(a[0].shape) or original(*a))
+    stock = _sam(OFFICIAL_SHAPED).double()
+    sam = copy.deepcopy(stock)
+    fast.enable_fast_path(sam, bf16=False)
+    x = torch.randn(1, 3, 256, 256, dtype=torch.float64)
+    with torch.no_grad():
+        assert _rel(sam.image_encoder(x), stock.image_encoder(x)) <= 1e-12
+    assert calls == [(4, 12, 196, 64), (1, 12, 256, 64)]  # the windowed block, then the global one
+
+
+def test_explicit_bf16_attention_is_closer_to_the_exact_math_than_the_masked_kernel():
+    """At vit_b's shapes (25 windows of 14 × 14 tokens; a 32 × 32 global block) in bf16, the
+    explicit path adds the bias to fp32 scores, where the masked path's bias is a bf16 tensor: its
+    output is closer to float64 math (relative L2; ≈ 0.004-0.006 against 0.007-0.011 measured)."""
+    torch.manual_seed(0)
+    for items, side in ((25, 14), (1, 32)):
+        n = side * side
+        q, k, v = (torch.randn(items, 12, n, 64).bfloat16() for _ in range(3))
+        q = q * 2  # logits of a few units, as trained attention has
+        t_h, t_w = ((torch.randn(items, 12, n, side) * 2).bfloat16() for _ in range(2))
+        qd, kd, vd, hd, wd = (t.double() for t in (q, k, v, t_h, t_w))
+        bias = (hd[..., :, None] + wd[..., None, :]).reshape(items, 12, n, n)
+        exact = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=bias)
+        with torch.inference_mode():
+            explicit = fast._explicit_attention(q, k, v, t_h, t_w, 64**-0.5)
+            masked = fast._masked_attention(q, k, v, t_h, t_w)
+        assert explicit.dtype == torch.bfloat16
+        assert _rel(explicit.double(), exact) <= 8e-3
+        assert _rel(explicit.double(), exact) < 0.8 * _rel(masked.double(), exact)
+
+
+def test_explicit_attention_for_bf16_inference_on_cpu_only():
+    """The explicit products are for bf16 inference on a CPU (measured there); fp32, fp16,
+    gradients and CUDA keep SDPA."""
+    cases = [(torch.bfloat16, "cpu", False, True), (torch.bfloat16, "cpu", True, False),
+             (torch.float32, "cpu", False, False), (torch.float16, "cpu", False, False),
+             (torch.bfloat16, "cuda", False, False)]
+    for dtype, device, grad, explicit in cases:
+        assert fast.explicit_scores(dtype, torch.device(device), grad) is explicit, (dtype, device, grad)
+
+
 def test_augmented_attention_only_where_it_was_measured_faster(monkeypatch):
     """bf16 global attention takes the extra channels on CPUs with AMX, with gradients and on
     CUDA, the mask elsewhere: on an avx512_bf16 EPYC without AMX the channels made the embedding
@@ -155,8 +210,12 @@ def test_decoder_sdpa_matches_reference_fp32():
     assert _rel(masks, ref_masks) <= 1e-5 and _rel(iou, ref_iou) <= 1e-5
 
 
-def test_bf16_within_tolerance_small_config():
-    """bf16 autocast vs the fp32 reference: embedding relative L2 ≤ 1e-2, mask IoU ≥ 0.98."""
+def test_bf16_within_tolerance_small_config(monkeypatch):
+    """bf16 autocast vs the fp32 reference: embedding relative L2 ≤ 1e-2, mask IoU ≥ 0.98 (every
+    block's attention through the explicit bf16 products, as on a CPU outside tests)."""
+    calls = []
+    original = fast._explicit_attention
+    monkeypatch.setattr(fast, "_explicit_attention", lambda *a: calls.append(a[0].dtype) or original(*a))
     sam = _sam(SMALL)
     torch.manual_seed(1)
     x = torch.rand(1, 3, 128, 128) * 255
@@ -176,6 +235,7 @@ def test_bf16_within_tolerance_small_config():
         assert info.autocast_dtype == torch.bfloat16
         emb, low = run()
     assert emb.dtype == torch.float32  # embeddings come back in fp32 for caching
+    assert calls == [torch.bfloat16] * SMALL.encoder_depth
     assert _rel(emb, ref_emb) <= 1e-2
     for i in range(low.shape[1]):
         assert _iou(low[0, i] > 0, ref_low[0, i] > 0) >= 0.98
