@@ -118,9 +118,11 @@ def test_bias_by_product_is_the_broadcast_sum_in_bf16(monkeypatch):
 # block.
 @pytest.mark.parametrize("budget", [None, 700_000, 100_000], ids=["default", "items-per-chunk", "query-rows-per-chunk"])
 def test_explicit_attention_is_segment_anythings_math_in_float64(monkeypatch, budget):
-    """The explicit path (bf16 inference on a CPU outside tests: bf16 products, fp32 scores) is
-    the same math as segment-anything's attention: in float64 every step keeps float64, so the
-    encoder's output matches stock's to rounding, however the scores are chunked."""
+    """The explicit path (on a CPU, bf16 and fp32 training outside tests) is the same math as
+    segment-anything's attention: in float64 every step keeps float64, so the encoder's output
+    matches stock's to rounding, and so do the gradients (of the input and of both
+    relative-position tables, through backward's recomputed chunks), however the scores are
+    chunked."""
     monkeypatch.setattr(fast, "explicit_scores", lambda *args: True)
     if budget is not None:
         monkeypatch.setattr(fast, "_SCORES_BUDGET", budget)
@@ -134,6 +136,39 @@ def test_explicit_attention_is_segment_anythings_math_in_float64(monkeypatch, bu
     with torch.no_grad():
         assert _rel(sam.image_encoder(x), stock.image_encoder(x)) <= 1e-12
     assert calls == [(4, 12, 196, 64), (1, 12, 256, 64)]  # the windowed block, then the global one
+    grads = []
+    for model in (stock, sam):
+        xi = x.clone().requires_grad_(True)
+        model.image_encoder(xi).square().mean().backward()
+        attns = [m for m in model.image_encoder.modules() if isinstance(m, sam_enc.Attention)]
+        grads.append([xi.grad, *(m.rel_pos_h.grad for m in attns), *(m.rel_pos_w.grad for m in attns)])
+    assert len(calls) == 4  # the second forward went through the explicit path too
+    # measured 0.6-4e-9 (this random stack amplifies rounding; a wrong gradient is off by O(1))
+    assert all(_rel(a, b) <= 1e-7 for a, b in zip(grads[1], grads[0]))
+
+
+def test_explicit_bf16_gradients_are_close_to_the_exact_math():
+    """bf16 training on a CPU takes the explicit path: its gradients of q, k, v and both bias
+    terms (vit_b's shapes: 25 windows of 14 × 14 tokens; a 32 × 32 global block) are close to
+    float64 autograd through the plain formula, closer than SDPA's with a bf16 mask."""
+    torch.manual_seed(0)
+    for items, side in ((25, 14), (1, 32)):
+        n = side * side
+        inputs = [torch.randn(items, 12, n, 64).bfloat16() for _ in range(3)]
+        inputs += [(torch.randn(items, 12, n, side) * 2).bfloat16() for _ in range(2)]
+        d_out = torch.randn(items, 12, n, 64)
+        exact = [t.double().requires_grad_(True) for t in inputs]
+        qd, kd, vd, hd, wd = exact
+        bias = (hd[..., :, None] + wd[..., None, :]).reshape(items, 12, n, n)
+        (torch.softmax(qd @ kd.transpose(-1, -2) / 8 + bias, -1) @ vd * d_out.double()).sum().backward()
+        ours, masked = ([t.clone().requires_grad_(True) for t in inputs] for _ in range(2))
+        (fast._explicit_attention(*ours, 64**-0.5).float() * d_out).sum().backward()
+        (fast._masked_attention(*masked).float() * d_out).sum().backward()
+        for name, a, m, b in zip("q k v t_h t_w".split(), ours, masked, exact):
+            assert a.grad.dtype == torch.bfloat16, name
+            err = _rel(a.grad.double(), b.grad)
+            assert err <= 8e-3, (name, items, err)  # measured 0.003-0.005
+            assert err < 0.8 * _rel(m.grad.double(), b.grad), (name, items)  # SDPA + mask: 0.008-0.013
 
 
 def test_explicit_bf16_attention_is_closer_to_the_exact_math_than_the_masked_kernel():
@@ -157,31 +192,32 @@ def test_explicit_bf16_attention_is_closer_to_the_exact_math_than_the_masked_ker
         assert _rel(explicit.double(), exact) < 0.8 * _rel(masked.double(), exact)
 
 
-def test_explicit_attention_for_bf16_inference_on_cpu_only():
-    """The explicit products are for bf16 inference on a CPU (measured there); fp32, fp16,
-    gradients and CUDA keep SDPA."""
-    cases = [(torch.bfloat16, "cpu", False, True), (torch.bfloat16, "cpu", True, False),
-             (torch.float32, "cpu", False, False), (torch.float16, "cpu", False, False),
-             (torch.bfloat16, "cuda", False, False)]
+def test_explicit_attention_where_it_was_measured_faster():
+    """On a CPU the explicit products take bf16 (inference and training) and fp32 training,
+    where they were measured faster than SDPA (see explicit_scores); fp32 inference, fp16 and
+    CUDA keep SDPA."""
+    cases = [(torch.bfloat16, "cpu", False, True), (torch.bfloat16, "cpu", True, True),
+             (torch.float32, "cpu", False, False), (torch.float32, "cpu", True, True),
+             (torch.float16, "cpu", False, False), (torch.bfloat16, "cuda", False, False),
+             (torch.float32, "cuda", True, False)]
     for dtype, device, grad, explicit in cases:
         assert fast.explicit_scores(dtype, torch.device(device), grad) is explicit, (dtype, device, grad)
 
 
 def test_augmented_attention_only_where_it_was_measured_faster(monkeypatch):
-    """bf16 global attention takes the extra channels on CPUs with AMX, with gradients and on
-    CUDA, the mask elsewhere: on an avx512_bf16 EPYC without AMX the channels made the embedding
-    slower and a training step faster (see _AUGMENT_FROM). Windows and fp32 always take the mask.
-    (Both paths give segment-anything's values: the test above.)"""
+    """bf16 global attention takes the extra channels on CPUs with AMX and on CUDA; on an
+    avx512_bf16 EPYC without AMX, bf16 takes explicit products (faster there in inference and in
+    training, see explicit_scores). Windows and fp32 never take the channels. (Every path gives
+    segment-anything's values: the tests above.)"""
     glob, window = 4096, 196
-    cases = [({"avx512_bf16"}, glob, torch.bfloat16, "cpu", False, False),
-             ({"avx512_bf16", "amx_bf16"}, glob, torch.bfloat16, "cpu", False, True),
-             ({"avx512_bf16"}, glob, torch.bfloat16, "cpu", True, True),
-             ({"avx512_bf16"}, glob, torch.bfloat16, "cuda", False, True),
-             ({"avx512_bf16", "amx_bf16"}, window, torch.bfloat16, "cpu", True, False),
-             ({"avx512_bf16", "amx_bf16"}, glob, torch.float32, "cpu", True, False)]
-    for flags, tokens, dtype, device, grad, channels in cases:
+    cases = [({"avx512_bf16"}, glob, torch.bfloat16, "cpu", False),
+             ({"avx512_bf16", "amx_bf16"}, glob, torch.bfloat16, "cpu", True),
+             ({"avx512_bf16"}, glob, torch.bfloat16, "cuda", True),
+             ({"avx512_bf16", "amx_bf16"}, window, torch.bfloat16, "cpu", False),
+             ({"avx512_bf16", "amx_bf16"}, glob, torch.float32, "cpu", False)]
+    for flags, tokens, dtype, device, channels in cases:
         monkeypatch.setattr(fast, "cpu_flags", lambda flags=flags: frozenset(flags))
-        assert fast.bias_as_channels(tokens, dtype, torch.device(device), grad) is channels, (flags, tokens, dtype, device, grad)
+        assert fast.bias_as_channels(tokens, dtype, torch.device(device)) is channels, (flags, tokens, dtype, device)
 
 
 def test_patch_tokens_are_contiguous():

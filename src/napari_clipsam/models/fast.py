@@ -8,10 +8,10 @@ Five pieces, all reversible and none touching a parameter:
   softmax; here the relative-position terms (``rel_h``/``rel_w``, computed exactly as SAM does)
   go into :func:`torch.nn.functional.scaled_dot_product_attention` (fused kernel, no separate
   softmax pass): as an additive ``attn_mask`` built in slabs, or, in bf16/fp16 global attention,
-  as extra query/key channels, so that the (N, N) bias (805 MB at 1024²) never exists. For bf16
-  inference on a CPU, where torch's flash kernel runs no faster than in fp32, attention is
-  explicit bf16 products with the scores, bias and softmax in cache-sized fp32 chunks (see
-  :class:`FastEncoderAttention`).
+  as extra query/key channels, so that the (N, N) bias (805 MB at 1024²) never exists. In bf16
+  on a CPU, where torch's flash kernel runs no faster than in fp32, and in fp32 training on a
+  CPU, attention is explicit products with the scores, bias and softmax in cache-sized fp32
+  chunks, recomputed in backward (see :class:`FastEncoderAttention`).
 * **Contiguous patch tokens** (:class:`FastPatchEmbed`): stock hands the blocks a strided view,
   which slows every element-wise op of the encoder.
 * **oneDNN linear layers in the image encoder** (:class:`FastEncoderMLP` and the attention's
@@ -92,8 +92,9 @@ _PRODUCT_BIAS_MAX_SIDE = 16
 #: global attention at 1024² (4096 tokens) and 512² (1024). Measured at vit_b, 2 threads: bf16
 #: (Intel Xeon, AMX) 4096 tokens 0.38 s augmented vs 0.46 s masked per block, 196-token windows
 #: 54 vs 35 ms; but bf16 on an AMD EPYC with avx512_bf16 and no AMX, the whole 1024² embedding
-#: 5.8-6.2 s augmented vs 4.8 s masked (with gradients the channels win there too: a bf16 LoRA
-#: step at 1024² 7.9 s augmented vs 10.8 s masked, whose bias slabs are rebuilt in backward). In
+#: 5.8-6.2 s augmented vs 4.8 s masked (with gradients the channels won there too: a bf16 LoRA
+#: step at 1024² 7.9 s augmented vs 10.8 s masked, whose bias slabs are rebuilt in backward;
+#: since then bf16 on such CPUs takes explicit products, faster than both: explicit_scores). In
 #: fp32 the extra channels triple the kernel's work for nothing and the mask wins everywhere: AMD
 #: EPYC (AVX2), 4096 tokens 1.4-1.9 s masked vs 2.7-3.3 s augmented (SDPA alone); a global
 #: block's attention with gradients, slabs rebuilt in backward, forward + backward 9.0 vs 11.1 s.
@@ -185,29 +186,34 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def augment_on_cpu() -> bool:
-    """Whether bf16/fp16 global inference attention on this CPU carries the relative positions
-    as extra query/key channels (AMX: ``amx_bf16``) rather than an additive mask; with gradients
-    the channels are used on every CPU (see ``_AUGMENT_FROM``)."""
+    """Whether bf16/fp16 global attention on this CPU carries the relative positions as extra
+    query/key channels (AMX: ``amx_bf16``) rather than as explicit products (see
+    ``_AUGMENT_FROM`` and :func:`explicit_scores`)."""
     return "amx_bf16" in cpu_flags()
 
 
-def bias_as_channels(tokens: int, dtype: torch.dtype, device: torch.device, grad: bool) -> bool:
-    """Whether encoder attention over ``tokens`` tokens in ``dtype`` on ``device`` (``grad``:
-    gradients recorded) applies the relative positions as extra query/key channels rather than
-    an additive mask: bf16/fp16 from ``_AUGMENT_FROM`` tokens (the global blocks), on CUDA, on a
-    CPU where :func:`augment_on_cpu`, or with gradients."""
+def bias_as_channels(tokens: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether encoder attention over ``tokens`` tokens in ``dtype`` on ``device`` applies the
+    relative positions as extra query/key channels: bf16/fp16 from ``_AUGMENT_FROM`` tokens (the
+    global blocks), on CUDA or on a CPU where :func:`augment_on_cpu`."""
     return (tokens >= _AUGMENT_FROM and dtype in _AUGMENT_DTYPES
-            and (torch.device(device).type != "cpu" or augment_on_cpu() or grad))
+            and (torch.device(device).type != "cpu" or augment_on_cpu()))
 
 
 def explicit_scores(dtype: torch.dtype, device: torch.device, grad: bool) -> bool:
     """Whether encoder attention in ``dtype`` on ``device`` (``grad``: gradients recorded) that
     does not take the channels (:func:`bias_as_channels`) runs as explicit products
-    (:func:`_explicit_attention`) rather than SDPA with a mask: bf16 inference on a CPU. There
-    torch's flash kernel runs at the same ~185 GFLOP/s in bf16 as in fp32 (vit_b global block,
-    Zen 5 EPYC, 2 threads: 0.28 s without a bias), while a bf16 product of the same shapes runs at
-    ~530; and the explicit way adds the bias to fp32 scores, where the mask is a bf16 tensor."""
-    return dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not grad
+    (:func:`_explicit_attention`) rather than SDPA with a mask: bf16 on a CPU, and fp32 on a CPU
+    with gradients. Measured at vit_b, Zen 5 EPYC, 2 threads: torch's CPU flash kernel runs at
+    the same ~185 GFLOP/s in bf16 as in fp32 (a 4096-token global block, 0.28 s without a bias),
+    while a bf16 product of the same shapes runs at ~530. Per global block / 25 windows: bf16
+    inference 335 → 157 ms / 25.0 → 12.9 ms; bf16 forward + backward 1.87 s (channels) → 0.70 s
+    / 140 → 63 ms (mask); fp32 forward + backward 1.68-1.91 → 1.44-1.56 s / 150 → 108 ms. fp32
+    inference keeps the mask (341 vs 508 ms per global block). In bf16 the bias is also added to
+    fp32 scores, where the mask is a bf16 tensor."""
+    if torch.device(device).type != "cpu":
+        return False
+    return dtype == torch.bfloat16 or (grad and dtype == torch.float32)
 
 
 def autocast_dtype_for(device: torch.device | str) -> tuple[torch.dtype | None, str]:
@@ -322,39 +328,94 @@ def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t_h: to
     return out.reshape(b, nh, n, -1)
 
 
-def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t_h: torch.Tensor,
-                        t_w: torch.Tensor, scale: float) -> torch.Tensor:
-    """``softmax(scale · q kᵀ + bias) v`` for (B, nh, N, c) bf16 ``q, k, v`` and the bias
-    ``t_h[..., n, row(m)] + t_w[..., n, col(m)]`` ((B, nh, N, h) and (B, nh, N, w) terms), as
-    explicit products: the scores ``q kᵀ`` (a bf16 product, fp32 accumulation, rounded to bf16
-    like the bf16 ``q`` and ``k`` are), then in fp32 the scale, the bias and the softmax, whose
-    weights go back to bf16 for the product with ``v``. (In fp32 or float64 every step keeps the
-    inputs' precision: the same math as segment-anything's attention.)
-
-    Done in chunks of (window, head) items or of one item's query rows, each at most
-    ``_SCORES_BUDGET`` bytes of fp32 scores, so that the scores stay in cache. Inference only
-    (no autograd-friendly ``out=``).
-    """
-    b, nh, n, c = q.shape
-    h, w = t_h.shape[-1], t_w.shape[-1]
-    items = b * nh
-    q, k, v = (x.reshape(items, n, c) for x in (q, k, v))
-    t_h, t_w = t_h.reshape(items, n, h), t_w.reshape(items, n, w)
-    k_t = k.transpose(1, 2)
-    acc = torch.promote_types(q.dtype, torch.float32)
+def _chunk_geometry(items: int, n: int, dtype: torch.dtype) -> tuple[int, int, torch.dtype]:
+    """(items a chunk, query rows a chunk, the scores' dtype) for explicit attention over ``items``
+    (window, head) items of ``n`` tokens: at most ``_SCORES_BUDGET`` bytes of scores a chunk."""
+    acc = torch.promote_types(dtype, torch.float32)
     size = torch.finfo(acc).bits // 8
     rows = max(1, min(n, _SCORES_BUDGET // (size * n)))
     step = max(1, min(items, _SCORES_BUDGET // (size * n * n))) if rows == n else 1
-    out = torch.empty_like(q)
-    for i in range(0, items, step):
-        for r in range(0, n, rows):
-            scores = torch.bmm(q[i:i + step, r:r + rows], k_t[i:i + step])
-            m, rr = scores.shape[:2]
-            biased = torch.add(t_h[i:i + step, r:r + rows, :, None].to(acc), scores.view(m, rr, h, w), alpha=scale)
-            biased += t_w[i:i + step, r:r + rows, None, :]
-            weights = torch.softmax(biased.view(m, rr, n), dim=-1).to(q.dtype)
-            torch.bmm(weights, v[i:i + step], out=out[i:i + step, r:r + rows])
-    return out.reshape(b, nh, n, c)
+    return step, rows, acc
+
+
+def _chunk_weights(q, k_t, t_h, t_w, scale, acc):
+    """Attention weights ``softmax(scale · q kᵀ + bias)`` of one chunk, in ``acc`` (fp32 for bf16
+    inputs): (m, R, c) queries, (m, c, N) keys, (m, R, h) and (m, R, w) bias terms."""
+    scores = torch.bmm(q, k_t)
+    m, rows = scores.shape[:2]
+    h, w = t_h.shape[-1], t_w.shape[-1]
+    biased = torch.add(t_h[..., None].to(acc), scores.view(m, rows, h, w), alpha=scale)
+    biased += t_w[..., None, :]
+    return torch.softmax(biased.view(m, rows, h * w), dim=-1)
+
+
+class _ExplicitAttention(torch.autograd.Function):
+    """(I, N, c) ``q, k, v`` and (I, N, h), (I, N, w) bias terms → (I, N, c), chunk by chunk
+    (:func:`_chunk_geometry`). Backward recomputes each chunk's weights (the same ops, so the
+    same values as forward) instead of keeping any (N, N) tensor, and returns the gradients of
+    ``q, k, v`` and of both bias terms."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, t_h, t_w, scale):
+        items, n, _ = q.shape
+        step, rows, acc = _chunk_geometry(items, n, q.dtype)
+        k_t = k.transpose(1, 2)
+        out = torch.empty_like(q)
+        for i in range(0, items, step):
+            for r in range(0, n, rows):
+                at = (slice(i, i + step), slice(r, r + rows))
+                weights = _chunk_weights(q[at], k_t[i:i + step], t_h[at], t_w[at], scale, acc)
+                torch.bmm(weights.to(q.dtype), v[i:i + step], out=out[at])
+        ctx.save_for_backward(q, k, v, t_h, t_w, out)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, t_h, t_w, out = ctx.saved_tensors
+        scale = ctx.scale
+        items, n, _ = q.shape
+        step, rows, acc = _chunk_geometry(items, n, q.dtype)
+        h, w = t_h.shape[-1], t_w.shape[-1]
+        d_out = d_out.contiguous()
+        # softmax backward: dS = P ⊙ (dO vᵀ − rowsum(dO ⊙ O))
+        delta = (d_out.to(acc) * out.to(acc)).sum(-1)
+        d_q, d_th, d_tw = torch.empty_like(q), torch.empty_like(t_h), torch.empty_like(t_w)
+        d_k, d_v = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (k, v))
+        k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
+        for i in range(0, items, step):
+            for r in range(0, n, rows):
+                at = (slice(i, i + step), slice(r, r + rows))
+                weights = _chunk_weights(q[at], k_t[i:i + step], t_h[at], t_w[at], scale, acc)
+                d_v[i:i + step] += torch.bmm(weights.to(q.dtype).transpose(1, 2), d_out[at])
+                d_s = torch.bmm(d_out[at], v_t[i:i + step]).to(acc).sub_(delta[at][..., None]).mul_(weights)
+                m, rr = d_s.shape[:2]
+                d_th[at] = d_s.view(m, rr, h, w).sum(-1)
+                d_tw[at] = d_s.view(m, rr, h, w).sum(-2)
+                d_s = d_s.to(q.dtype)
+                torch.mul(torch.bmm(d_s, k[i:i + step]), scale, out=d_q[at])
+                d_k[i:i + step] += torch.bmm(d_s.transpose(1, 2), q[at]).mul_(scale)
+        return d_q, d_k.to(k.dtype), d_v.to(v.dtype), d_th, d_tw, None
+
+
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t_h: torch.Tensor,
+                        t_w: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(scale · q kᵀ + bias) v`` for (B, nh, N, c) ``q, k, v`` and the bias
+    ``t_h[..., n, row(m)] + t_w[..., n, col(m)]`` ((B, nh, N, h) and (B, nh, N, w) terms), as
+    explicit products. In bf16: the scores ``q kᵀ`` are a bf16 product (fp32 accumulation,
+    rounded to bf16 like the bf16 ``q`` and ``k`` are), then the scale, the bias and the softmax
+    run in fp32, and the weights go back to bf16 for the product with ``v``. (In fp32 or float64
+    every step keeps the inputs' precision: the same math as segment-anything's attention.)
+
+    Done in chunks of (window, head) items or of one item's query rows, each at most
+    ``_SCORES_BUDGET`` bytes of scores, so that the scores stay in cache; with gradients,
+    backward recomputes each chunk (:class:`_ExplicitAttention`).
+    """
+    b, nh, n, c = q.shape
+    items = b * nh
+    q, k, v = (x.reshape(items, n, c) for x in (q, k, v))
+    t_h, t_w = t_h.reshape(items, n, -1), t_w.reshape(items, n, -1)
+    return _ExplicitAttention.apply(q, k, v, t_h, t_w, scale).reshape(b, nh, n, c)
 
 
 class FastEncoderAttention(_sam_enc.Attention):
@@ -365,19 +426,20 @@ class FastEncoderAttention(_sam_enc.Attention):
     ``[rel_h[q], rel_w[q]]`` (h + w numbers, computed as SAM does) with the key's one-hot row and
     column (:func:`_key_positions`). Three exact ways to apply it:
 
-    * **masked** (fp32, fp16, and bf16 windows with gradients; :func:`_masked_attention`): the (N, N)
-      bias, built by broadcasting the row and column terms, is SDPA's additive ``attn_mask``;
-    * **augmented** (bf16/fp16 from ``_AUGMENT_FROM`` tokens, the global blocks, on CUDA, a CPU
-      with AMX, or with gradients): queries carry
-      their terms and keys their one-hot position as h + w extra channels, so SDPA without a mask
-      computes scores and bias in one fused pass and the (N, N) bias never exists. Values get
-      h + w zero channels (the CPU flash kernel needs one head size for q, k and v; the output
-      drops them);
-    * **explicit** (bf16 inference on a CPU, where the channels do not apply: every window, and
-      global blocks without AMX; :func:`explicit_scores`, :func:`_explicit_attention`): bf16
-      products ``q kᵀ`` and ``weights · v``, between them the scale, bias and softmax in fp32,
-      chunk by chunk. vit_b 1024², Zen 5 EPYC, 2 threads: bf16 embedding 2.45 → 1.84 s, relative
-      L2 against fp32 0.0076 → 0.0066 (the bias is added in fp32, where the mask is bf16).
+    * **masked** (fp32 inference, fp16 on a CPU, and wherever no other way applies;
+      :func:`_masked_attention`): the (N, N) bias, built by broadcasting the row and column
+      terms, is SDPA's additive ``attn_mask``;
+    * **augmented** (bf16/fp16 from ``_AUGMENT_FROM`` tokens, the global blocks, on CUDA or a
+      CPU with AMX; :func:`bias_as_channels`): queries carry their terms and keys their one-hot
+      position as h + w extra channels, so SDPA without a mask computes scores and bias in one
+      fused pass and the (N, N) bias never exists. Values get h + w zero channels (the CPU flash
+      kernel needs one head size for q, k and v; the output drops them);
+    * **explicit** (on a CPU, bf16 where the channels do not apply — every window, and global
+      blocks without AMX — and fp32 with gradients; :func:`explicit_scores`,
+      :func:`_explicit_attention`): products ``q kᵀ`` and ``weights · v``, between them the
+      scale, bias and softmax in fp32, chunk by chunk, each chunk recomputed in backward. vit_b
+      1024², Zen 5 EPYC, 2 threads: bf16 embedding 2.45 → 1.84 s, relative L2 against fp32
+      0.0076 → 0.0066 (the bias is added in fp32, where the mask is bf16).
 
     Input/output (B, H, W, C).
     """
@@ -396,8 +458,8 @@ class FastEncoderAttention(_sam_enc.Attention):
             r_q = q.reshape(b, nh, h, w, -1)
             t_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).reshape(b, nh, n, h)
             t_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).reshape(b, nh, n, w)
-            grad = q.requires_grad
-            if bias_as_channels(n, q.dtype, q.device, grad):
+            grad = q.requires_grad or t_h.requires_grad
+            if bias_as_channels(n, q.dtype, q.device):
                 keys = _key_positions(h, w, q.dtype, q.device)  # (N, h + w)
                 q_aug = torch.cat([q * self.scale, t_h, t_w], dim=-1)
                 k_aug = torch.cat([k, keys.expand(b, nh, n, h + w)], dim=-1)
