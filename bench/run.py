@@ -45,7 +45,7 @@ automatic mask generator as a user's stock script runs them; rows 1, 2 and 4 "ow
    stock ``set_image`` + ``predict`` per box, vs ours: ``set_image`` + ``segment_text``.
 6. fine-tuning step time and peak RSS (each variant in its own subprocess): LoRA on the last half
    (the default), 4 and 2 of the blocks, each with and without the frozen-prefix cache (fp32, and
-   the default with bf16 autocast where the CPU has native bf16), and full fine-tuning of the
+   the default and the last 2 with bf16 autocast where the CPU has native bf16), and full fine-tuning of the
    image encoder.
 7. 3D: per-slice cost of point propagation through a volume once its slices are embedded.
 """
@@ -662,6 +662,8 @@ TRAIN_VARIANTS = {  # "blocks": LoRA's blocks (LoraSettings.blocks; "half" is th
     # what FineTuneConfig(autocast=None) does on CPUs with native bf16 (run only there)
     "lora+cache, bf16 autocast": {"lora": True, "cache": True, "blocks": "half", "autocast": True},
     "lora, no cache, bf16 autocast": {"lora": True, "cache": False, "blocks": "half", "autocast": True},
+    "lora (last 2 blocks)+cache, bf16 autocast": {"lora": True, "cache": True, "blocks": 2, "autocast": True},
+    "lora (last 2 blocks), no cache, bf16 autocast": {"lora": True, "cache": False, "blocks": 2, "autocast": True},
 }
 
 
