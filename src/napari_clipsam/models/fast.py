@@ -67,6 +67,7 @@ from segment_anything.modeling import common as _sam_common
 from segment_anything.modeling import image_encoder as _sam_enc
 from segment_anything.modeling import transformer as _sam_tr
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from .onednn import linear, onednn_linear_available
@@ -371,6 +372,7 @@ class _ExplicitAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_out):
         q, k, v, t_h, t_w, out = ctx.saved_tensors
         scale = ctx.scale
