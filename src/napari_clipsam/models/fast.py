@@ -101,10 +101,10 @@ _PRODUCT_BIAS_MAX_SIDE = 16
 #: block's attention with gradients, slabs rebuilt in backward, forward + backward 9.0 vs 11.1 s.
 _AUGMENT_FROM = 1024
 _AUGMENT_DTYPES = (torch.bfloat16, torch.float16)
-#: Largest chunk of fp32 scores (bytes) in the explicit bf16 attention (:func:`_explicit_attention`):
-#: bf16 inference on a CPU, wherever the channels do not apply. Measured at vit_b (12 heads, 2
-#: threads, Zen 5 EPYC, bf16), per 4096-token global block / 25 windows / 1024-token global block
-#: (512² input): 1 MB 189 / 14.2 / 10.9 ms, 2 MB 162 / 13.1 / 9.6, 4 MB 157 / 12.9 / 10.0, 8 MB
+#: Largest chunk of scores (bytes; fp32, float64 in tests) in the explicit attention
+#: (:func:`_explicit_attention`, :func:`explicit_scores`), forward and backward. Measured at vit_b
+#: (12 heads, 2 threads, Zen 5 EPYC, bf16 inference), per 4096-token global block / 25 windows /
+#: 1024-token global block (512² input): 1 MB 189 / 14.2 / 10.9 ms, 2 MB 162 / 13.1 / 9.6, 4 MB 157 / 12.9 / 10.0, 8 MB
 #: 202 / 22.3 / 11.9, 16 MB 230 / 25.5 / 13.5; the masked flash kernel 335 / 25.0 / 20.4 ms.
 _SCORES_BUDGET = 4 * 2**20
 
@@ -282,6 +282,15 @@ def _key_positions(h: int, w: int, dtype: torch.dtype, device: torch.device) -> 
     return torch.cat([F.one_hot(rows, h), F.one_hot(cols, w)], dim=1).to(dtype)
 
 
+def _chunks(items: int, n: int, size: int, budget: int) -> tuple[int, int]:
+    """(items a chunk, query rows a chunk) so that a chunk's (rows, n) matrices of ``size``-byte
+    numbers — a bias slab, or scores — over ``items`` (window, head) items of ``n`` tokens stay
+    under ``budget`` bytes: several whole items where one fits, else one item's query rows."""
+    rows = max(1, min(n, budget // (size * n)))
+    step = max(1, min(items, budget // (size * n * n))) if rows == n else 1
+    return step, rows
+
+
 def _bias_slab(q, k, v, t_h, t_w, keys=None):
     """SDPA of (I, 1, R, c) query rows over (I, 1, N, c) keys and values with the bias built
     from their (I, 1, R, h) and (I, 1, R, w) terms: by broadcasting, or with ``keys`` (the
@@ -312,9 +321,7 @@ def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t_h: to
     slab = _bias_slab
     if q.dtype in _AUGMENT_DTYPES and max(h, w) <= _PRODUCT_BIAS_MAX_SIDE:
         slab = partial(_bias_slab, keys=_key_positions(h, w, q.dtype, q.device))
-    row_bytes = n * q.element_size()
-    step = max(1, min(items, _MASK_BUDGET // (n * row_bytes)))
-    rows = n if step > 1 else max(1, min(n, _MASK_BUDGET // row_bytes))
+    step, rows = _chunks(items, n, q.element_size(), _MASK_BUDGET)
     recompute = ((step < items or rows < n) and torch.is_grad_enabled()
                  and any(x.requires_grad for x in (q, k, v, t_h, t_w)))
     outs = []
@@ -333,10 +340,7 @@ def _chunk_geometry(items: int, n: int, dtype: torch.dtype) -> tuple[int, int, t
     """(items a chunk, query rows a chunk, the scores' dtype) for explicit attention over ``items``
     (window, head) items of ``n`` tokens: at most ``_SCORES_BUDGET`` bytes of scores a chunk."""
     acc = torch.promote_types(dtype, torch.float32)
-    size = torch.finfo(acc).bits // 8
-    rows = max(1, min(n, _SCORES_BUDGET // (size * n)))
-    step = max(1, min(items, _SCORES_BUDGET // (size * n * n))) if rows == n else 1
-    return step, rows, acc
+    return (*_chunks(items, n, torch.finfo(acc).bits // 8, _SCORES_BUDGET), acc)
 
 
 def _chunk_weights(q, k_t, t_h, t_w, scale, acc):
