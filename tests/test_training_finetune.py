@@ -104,14 +104,14 @@ def test_manual_mode_improves_points_and_boxes(text_runs):
 
 def _snapshot(m):
     return ({k: v.clone() for k, v in m.state_dict().items()}, [p.requires_grad for p in m.parameters()],
-            [mod.training for mod in m.modules()])
+            [(type(mod), mod.training) for mod in m.modules()])
 
 
 def _identical(m, snap):
     sd, rg, tr = snap
     now = m.state_dict()
     return (now.keys() == sd.keys() and all(torch.equal(now[k], sd[k]) for k in sd)
-            and [p.requires_grad for p in m.parameters()] == rg and [mod.training for mod in m.modules()] == tr)
+            and [p.requires_grad for p in m.parameters()] == rg and [(type(mod), mod.training) for mod in m.modules()] == tr)
 
 
 @pytest.mark.parametrize("how", ["callback", "event"])
@@ -191,3 +191,40 @@ def test_autocast_choice_and_bf16_steps_track_fp32(monkeypatch):
     assert runs[False].autocast is None and runs[True].autocast == "bfloat16"
     assert runs[False].losses != runs[True].losses  # the bf16 run did run in bf16
     np.testing.assert_allclose(runs[True].losses, runs[False].losses, rtol=5e-3)  # same training, bf16 rounding
+
+
+def test_training_runs_on_the_fast_path_and_hands_the_model_back_as_given(monkeypatch):
+    """A model with no fast-path decision (load_model in a notebook, the CLI) trains with the fast
+    path's attention and MLP modules and comes back with segment-anything's; one that has a
+    decision keeps it; NAPARI_CLIPSAM_FAST=0 trains on stock modules."""
+    from segment_anything.modeling.common import MLPBlock
+    from segment_anything.modeling.image_encoder import Attention
+
+    from napari_clipsam.models.fast import FastEncoderAttention, enable_fast_path, fast_path_info
+
+    def run(m):
+        seen = set()
+
+        def cb(p):
+            if p.phase in ("train", "validate") and p.step > 0:
+                seen.update(type(mod) for mod in m.sam.image_encoder.modules())
+
+        finetune(m, _data(range(2)), _cfg(steps=2, mode="both"), callback=cb)
+        return seen
+
+    m = _model("adapter")
+    seen = run(m)
+    assert FastEncoderAttention in seen and Attention not in seen
+    after = {type(mod) for mod in m.modules()}
+    assert fast_path_info(m) is None and Attention in after and MLPBlock in after
+    assert not [t for t in after if t.__module__ == "napari_clipsam.models.fast"]
+
+    m = _model("adapter")
+    enable_fast_path(m)
+    assert FastEncoderAttention in run(m) and fast_path_info(m) is not None
+    assert FastEncoderAttention in {type(mod) for mod in m.modules()}
+
+    monkeypatch.setenv("NAPARI_CLIPSAM_FAST", "0")
+    m = _model("adapter")
+    seen = run(m)
+    assert Attention in seen and FastEncoderAttention not in seen

@@ -40,7 +40,7 @@ from ..engine.preprocess import Frame, normalize_image, postprocess_logits, to_m
 from ..engine.text_instances import view_labels
 from ..evaluation import f1_score, match_instances
 from ..models.clipsam import ClipSam, ImageFeatures, Prompts
-from ..models.fast import autocast_dtype_for, fast_path_allowed
+from ..models.fast import autocast_dtype_for, disable_fast_path, enable_fast_path, fast_path_allowed, fast_path_info
 from .examples import TrainingExample, validate_examples
 from .lora import (LoraSettings, attach_lora, detach_lora, has_lora, lora_blocks_of, lora_state, set_trainable,
                    trainable_report)
@@ -589,6 +589,10 @@ def finetune(model: ClipSam, examples: Sequence[TrainingExample], config: FineTu
     ``model.clipsam_adapter`` (what :func:`~napari_clipsam.training.adapter_file.save_adapter`
     writes). ``callback(progress)`` returning ``False``, or ``cancel.set()``, stops the run and
     restores the model bit for bit (``result.cancelled``). An exception also restores it.
+
+    Training runs on the fast path (:mod:`~napari_clipsam.models.fast`): the model's own if it
+    has one (e.g. a :class:`~napari_clipsam.engine.segmenter.Segmenter`'s), else one switched on
+    for the run and off again after it (unless ``NAPARI_CLIPSAM_FAST=0``).
     """
     config = config or FineTuneConfig()
     config.check()
@@ -598,7 +602,13 @@ def finetune(model: ClipSam, examples: Sequence[TrainingExample], config: FineTu
     from .adapter_file import base_fingerprint
 
     base_fp = base_fingerprint(model)  # computed on the untouched base; cached on the model
-    with torch.random.fork_rng(devices=[]):
+    # A model nobody has set up (load_model in a notebook, the CLI) trains on the fast path too,
+    # and is handed back with segment-anything's own modules. A model with a fast-path decision
+    # (a Segmenter's, or enable_fast_path(..., enabled=False)) keeps it.
+    own_fast_path = fast_path_info(model) is None and fast_path_allowed()
+    with torch.random.fork_rng(devices=[]):  # enabling may draw random numbers (a once-per-process check)
+        if own_fast_path:
+            enable_fast_path(model)
         torch.manual_seed(config.seed)
         try:
             return _run(model, examples, config, callback, cancel, snap, t_start, base_fp)
@@ -610,6 +620,9 @@ def finetune(model: ClipSam, examples: Sequence[TrainingExample], config: FineTu
         except BaseException:
             snap.restore(model)
             raise
+        finally:
+            if own_fast_path:
+                disable_fast_path(model)
 
 
 def _run(model, examples, config, callback, cancel, snap, t_start, base_fp) -> FineTuneResult:
