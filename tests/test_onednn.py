@@ -1,5 +1,6 @@
-"""oneDNN's fused linear (models/onednn.py): same values as ``nn.Linear`` (+ GELU), taken only
-where no gradient is needed, and the image encoder's MLPs use it through the fast path."""
+"""oneDNN's fused linear (models/onednn.py): same values as ``nn.Linear`` (+ GELU), taken where
+no gradient is needed and, in fp32, for a frozen layer's input gradient; the image encoder's MLPs
+use it through the fast path."""
 
 import copy
 import platform
@@ -85,6 +86,37 @@ def test_gradients_take_torchs_linear():
     frozen = _layer().requires_grad_(False)
     _, ops = _ops(lambda: onednn.linear(torch.randn(5, 48), frozen))
     assert (FUSED in ops) == onednn.onednn_linear_available(torch.float32)
+
+
+@pytest.mark.parametrize("act", ["none", "gelu"])
+def test_frozen_layer_input_gradient_through_the_op_in_fp32(act):
+    """LoRA's frozen layers in fp32 training: forward and the input's gradient run the op (also in
+    backward), with torch's values; under bf16 autocast torch's linear keeps them."""
+    frozen = _layer().requires_grad_(False)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    ref_x = x.detach().clone().requires_grad_(True)
+    g = torch.randn(3, 7, 80)
+
+    def run():
+        out = onednn.linear(x.transpose(0, 1), frozen, act).transpose(0, 1)  # a strided input too
+        out.backward(g)
+        return out
+
+    out, ops = _ops(run)
+    ref = frozen(ref_x)
+    ref = F.gelu(ref) if act == "gelu" else ref
+    ref.backward(g)
+    assert (FUSED in ops) == onednn.onednn_linear_available(torch.float32)
+    assert _rel(out, ref) <= 1e-6 and _rel(x.grad, ref_x.grad) <= 1e-6
+    assert frozen.weight.grad is None and frozen.bias.grad is None
+    if onednn.onednn_linear_available(torch.float32):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            onednn.linear(x, frozen, act).sum().backward()
+        calls = [e.count for e in prof.key_averages() if e.key == FUSED]
+        assert calls == [2]  # forward and the input gradient
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, ops = _ops(lambda: onednn.linear(x, frozen, act))
+    assert FUSED not in ops
 
 
 def test_switch_and_other_modules_fall_back(monkeypatch):

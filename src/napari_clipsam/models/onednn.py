@@ -9,11 +9,14 @@ products ran at 198-225 GFLOP/s against oneDNN's 373-499 (MKL takes its AVX2 cod
 a vit_b 1024² embedding with the fast path's encoder layers through :func:`linear` took 5.08 →
 3.25 s in fp32 and 2.51 → 2.45 s in bf16 (best of 5, interleaved in one process).
 
-:func:`linear` uses the op only where no gradient is needed (it has no backward), for a plain
-``nn.Linear`` (a peft LoRA wrapper keeps its own forward) on CPU tensors in fp32, or in bf16
-where oneDNN supports bf16; everywhere else it is ``layer(x)``. The op exists only on x86-64
-builds with oneDNN, and is checked once per process against ``F.linear`` before it is used.
-``NAPARI_CLIPSAM_ONEDNN=0`` turns it off.
+:func:`linear` uses the op for a plain ``nn.Linear`` (a peft LoRA wrapper keeps its own forward)
+on CPU tensors, where no gradient is needed, in fp32 or, where oneDNN supports it, bf16. In fp32
+training of a frozen layer (LoRA's other layers) it also runs forward and the input's gradient
+through the op (:class:`_FrozenLinear`; the op itself has no backward): a vit_b training step with
+LoRA on the last 2 blocks, fp32, 2.96–3.30 → 2.6–2.7 s on the Zen 5. In bf16 training it gained
+nothing (torch's bf16 products are oneDNN's already), so there and with trainable weights it is
+``layer(x)``. The op exists only on x86-64 builds with oneDNN, and is checked once per process
+against ``F.linear`` before it is used. ``NAPARI_CLIPSAM_ONEDNN=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .switches import env_flag
 
@@ -36,6 +40,22 @@ _ACTIVATIONS = {"none": None, "gelu": F.gelu}
 
 def _fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, act, [], "none" if act == "gelu" else "")
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """``x wᵀ + b`` through the op, for a weight and bias that take no gradient; backward gives
+    the input's, ``dy w``, through the op as well (with ``wᵀ`` as its weight)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return _fused(x, weight, bias, "none")
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_y):
+        (weight,) = ctx.saved_tensors
+        return _fused(d_y.contiguous(), weight.t().contiguous(), None, "none"), None, None
 
 
 @torch.autocast("cpu", enabled=False)  # the reference in fp32, whatever the caller's context
@@ -92,6 +112,10 @@ def linear(x: torch.Tensor, layer: nn.Module, act: str = "none") -> torch.Tensor
         grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))
         if not grads and onednn_linear_available(dtype):
             return _fused(x.to(dtype).contiguous(), w.to(dtype), None if b is None else b.to(dtype), act)
+        frozen = not any(t is not None and t.requires_grad for t in (w, b))
+        if grads and frozen and dtype == x.dtype == w.dtype == torch.float32 and onednn_linear_available(dtype):
+            y = _FrozenLinear.apply(x.contiguous(), w, b)
+            return F.gelu(y) if act == "gelu" else y
     y = layer(x)
     fn = _ACTIVATIONS[act]
     return fn(y) if fn else y
