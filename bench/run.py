@@ -664,6 +664,10 @@ TRAIN_VARIANTS = {  # "blocks": LoRA's blocks (LoraSettings.blocks; "half" is th
     "lora, no cache, bf16 autocast": {"lora": True, "cache": False, "blocks": "half", "autocast": True},
     "lora (last 2 blocks)+cache, bf16 autocast": {"lora": True, "cache": True, "blocks": 2, "autocast": True},
     "lora (last 2 blocks), no cache, bf16 autocast": {"lora": True, "cache": False, "blocks": 2, "autocast": True},
+    # segment-anything's own modules (fast path off): how fine-tuning ran from the CLI and
+    # notebooks before the twenty-sixth session; against "lora+cache, bf16 autocast"
+    "lora+cache, bf16 autocast, stock modules (fast path off)": {"lora": True, "cache": True, "blocks": "half",
+                                                                "autocast": True, "fast": False},
 }
 
 
@@ -685,7 +689,7 @@ def train_child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     model = ClipSam(model_config(spec["size"], "ssp"))
-    fast.enable_fast_path(model, bf16=False)
+    fast.enable_fast_path(model, bf16=False, enabled=spec.get("fast", True))
     rss0 = peak_rss_mib()
     enc = model.sam.image_encoder
     depth = len(enc.blocks)
@@ -771,15 +775,22 @@ def row_finetune(quick: bool, threads: int, res: dict) -> None:
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         if v["lora"] and not v["cache"]:
             base[v["blocks"], bool(v.get("autocast"))] = out["step_s"]["min"]
+        if v.get("fast", True) and v["lora"] and v["cache"] and v["blocks"] == "half" and v.get("autocast"):
+            base["fast path"] = out["step_s"]["min"]
         res["rows"].append({"row": 6, "case": f"fine-tune step, {name}", "size": f"{size}²", "s": out["step_s"],
-                            "blocks": v["blocks"], "autocast": bool(v.get("autocast")),
+                            "blocks": v["blocks"], "autocast": bool(v.get("autocast")), "fast": v.get("fast", True),
                             "peak_rss_mib": round(out["peak_rss_mib"]),
                             "note": f"{out['trainable'] / 1e6:.2f}M trainable, peak RSS {out['peak_rss_mib']:.0f} MiB "
                                     f"(after build {out['rss_after_build_mib']:.0f}), LoRA via {out['lora_via']}, "
                                     f"{out['cached_blocks']} cached blocks"})
     for r in res["rows"]:  # against LoRA on the same blocks and precision without the cache (full: the default LoRA)
         ref = base.get((r.get("blocks") or "half", bool(r.get("autocast"))))
-        if r["row"] == 6 and r.get("s") and ref:
+        if r["row"] != 6 or not r.get("s"):
+            continue
+        if r.get("fast") is False:  # stock modules: against the fast path's step, same settings
+            if base.get("fast path"):
+                r["vs_fast_path"] = r["s"]["min"] / base["fast path"]
+        elif ref:
             r["vs_lora_no_cache"] = r["s"]["min"] / ref
 
 
@@ -819,7 +830,7 @@ def fmt_time(r: dict) -> str:
 
 def fmt_ratio(r: dict) -> str:
     for key, label in (("vs_stock", "× stock"), ("vs_full_embedding", "× full emb."), ("ours_speedup", "ours faster ×"),
-                       ("vs_peer", "× peer"), ("vs_lora_no_cache", "× LoRA w/o cache")):
+                       ("vs_peer", "× peer"), ("vs_lora_no_cache", "× LoRA w/o cache"), ("vs_fast_path", "× fast path")):
         if r.get(key) is None:
             continue
         if key == "ours_speedup":  # {seeds mode: speed-up}
