@@ -13,7 +13,7 @@ a vit_b 1024² embedding with the fast path's encoder layers through :func:`line
 on CPU tensors, where no gradient is needed, in fp32 or, where oneDNN supports it, bf16. In fp32
 training of a frozen layer (LoRA's other layers) it also runs forward and the input's gradient
 through the op (:class:`_FrozenLinear`; the op itself has no backward): a vit_b training step with
-LoRA on the last 2 blocks, fp32, 2.96–3.30 → 2.6–2.7 s on the Zen 5. In bf16 training it gained
+LoRA on the last 2 blocks, fp32, 2.94–3.58 → 2.56–2.91 s on the Zen 5. In bf16 training it gained
 nothing (torch's bf16 products are oneDNN's already), so there and with trainable weights it is
 ``layer(x)``. The op exists only on x86-64 builds with oneDNN, and is checked once per process
 against ``F.linear`` before it is used. ``NAPARI_CLIPSAM_ONEDNN=0`` turns it off.
