@@ -154,6 +154,30 @@ def test_decode_reuses_the_image_side_and_matches_per_prompt_decoding():
         torch.testing.assert_close(out.detach(), grouped, rtol=1e-4, atol=1e-4)
 
 
+def test_decode_equals_segment_anythings_decoder_for_one_mask_and_three():
+    """ClipSam.decode (image side per row, folded projections, the final attention for the tokens
+    the masks need only) gives segment-anything's MaskDecoder outputs, one mask or three."""
+    torch.manual_seed(2)
+    m = ClipSam(tiny_config("adapter"))  # no prompt tokens of its own: stock takes the same inputs
+    with torch.no_grad():
+        for p in m.sam.mask_decoder.parameters():
+            p.normal_(0, 0.2)
+    md, pe = m.sam.mask_decoder, m.sam.prompt_encoder
+    pts, labels = torch.rand(4, 2, 2) * 60, torch.tensor([[1, 0], [1, 1], [1, 0], [0, 1]])
+    idx = torch.tensor([1, 0, 1, 0])
+    with torch.inference_mode():
+        enc = m.encode(torch.rand(2, 3, 64, 64), ["nucleus", "cell"])
+        for multimask in (False, True):
+            masks, iou = m.decode(enc, Prompts(idx, points=pts, labels=labels), multimask=multimask)
+            assert masks.shape[1] == iou.shape[1] == (3 if multimask else 1)
+            for i in range(4):
+                sparse, dense = pe(points=(pts[i : i + 1], labels[i : i + 1]), boxes=None, masks=None)
+                ref, ref_iou = md(enc.embeddings[idx[i] : idx[i] + 1], pe.get_dense_pe(), sparse, dense,
+                                  multimask_output=multimask)
+                torch.testing.assert_close(masks[i], ref[0], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(iou[i], ref_iou[0], rtol=1e-4, atol=1e-4)
+
+
 def test_mask_prompts_decode_with_an_image_side_each_and_keep_none():
     """Mask prompts get one image side each (their dense input differs); nothing is kept on the
     Encoded for them, and decoding them again gives the same logits."""

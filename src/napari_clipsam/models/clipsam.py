@@ -356,7 +356,9 @@ class ClipSam(nn.Module):
         stem = None if skip is None else (enc.stem, p.image_index)
         out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens[None].expand(n, -1, -1).to(sparse.dtype), sparse], dim=1)
-        keep = len(out_tokens)  # _masks_from reads only the IoU and mask tokens
+        # _masks_from reads only the IoU token and the mask tokens it returns: all of them for
+        # multimask, else the first (the final attention's rows are independent)
+        keep = len(out_tokens) if multimask else 2
         dev = self.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
         if dense.shape[0] != n:
