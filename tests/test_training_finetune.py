@@ -111,7 +111,8 @@ def _identical(m, snap):
     sd, rg, tr = snap
     now = m.state_dict()
     return (now.keys() == sd.keys() and all(torch.equal(now[k], sd[k]) for k in sd)
-            and [p.requires_grad for p in m.parameters()] == rg and [(type(mod), mod.training) for mod in m.modules()] == tr)
+            and [p.requires_grad for p in m.parameters()] == rg
+            and [(type(mod), mod.training) for mod in m.modules()] == tr)
 
 
 @pytest.mark.parametrize("how", ["callback", "event"])

@@ -367,7 +367,8 @@ class ClipSam(nn.Module):
             if dense_of == "prompt" or torch.is_grad_enabled() or n == 0:  # one image side per prompt
                 # index_select rather than [ ]: its backward is an index_add, where indexing's
                 # accumulating index_put took ~26 ms of a vit_b training step
-                side = image_side(md.transformer, enc.embeddings.index_select(0, p.image_index) + dense, pe.get_dense_pe(), dtype)
+                rows = enc.embeddings.index_select(0, p.image_index)
+                side = image_side(md.transformer, rows + dense, pe.get_dense_pe(), dtype)
                 hs, src = two_way(md.transformer, side, tokens[:, None], keep)
                 return self._masks_from(hs, src, multimask, stem, tokens_box)
             # The dense input is the same for every prompt of a row: its image side is computed
