@@ -665,9 +665,10 @@ TRAIN_VARIANTS = {  # "blocks": LoRA's blocks (LoraSettings.blocks; "half" is th
     "lora (last 2 blocks)+cache, bf16 autocast": {"lora": True, "cache": True, "blocks": 2, "autocast": True},
     "lora (last 2 blocks), no cache, bf16 autocast": {"lora": True, "cache": False, "blocks": 2, "autocast": True},
     # segment-anything's own modules (fast path off): how fine-tuning ran from the CLI and
-    # notebooks before the twenty-sixth session; against "lora+cache, bf16 autocast"
+    # notebooks before the twenty-sixth session; "against": the same settings on the fast path
     "lora+cache, bf16 autocast, stock modules (fast path off)": {"lora": True, "cache": True, "blocks": "half",
-                                                                "autocast": True, "fast": False},
+                                                                "autocast": True, "fast": False,
+                                                                "against": "lora+cache, bf16 autocast"},
 }
 
 
@@ -760,6 +761,7 @@ def row_finetune(quick: bool, threads: int, res: dict) -> None:
     size = 512 if quick else 1024
     steps = 2 if quick else 3
     base: dict = {}  # (LoRA blocks, autocast) → step time of LoRA on them without the cache
+    by_name: dict = {}  # variant → step time
     for name, v in TRAIN_VARIANTS.items():
         if v.get("autocast") and not fast.cpu_has_fast_bf16():
             res["rows"].append({"row": 6, "case": f"fine-tune step, {name}", "size": f"{size}²", "s": None,
@@ -773,12 +775,12 @@ def row_finetune(quick: bool, threads: int, res: dict) -> None:
                                 "note": "failed: " + proc.stderr.strip().splitlines()[-1][:200]})
             continue
         out = json.loads(proc.stdout.strip().splitlines()[-1])
+        by_name[name] = out["step_s"]["min"]
         if v["lora"] and not v["cache"]:
             base[v["blocks"], bool(v.get("autocast"))] = out["step_s"]["min"]
-        if v.get("fast", True) and v["lora"] and v["cache"] and v["blocks"] == "half" and v.get("autocast"):
-            base["fast path"] = out["step_s"]["min"]
         res["rows"].append({"row": 6, "case": f"fine-tune step, {name}", "size": f"{size}²", "s": out["step_s"],
                             "blocks": v["blocks"], "autocast": bool(v.get("autocast")), "fast": v.get("fast", True),
+                            "against": v.get("against"),
                             "peak_rss_mib": round(out["peak_rss_mib"]),
                             "note": f"{out['trainable'] / 1e6:.2f}M trainable, peak RSS {out['peak_rss_mib']:.0f} MiB "
                                     f"(after build {out['rss_after_build_mib']:.0f}), LoRA via {out['lora_via']}, "
@@ -787,9 +789,9 @@ def row_finetune(quick: bool, threads: int, res: dict) -> None:
         ref = base.get((r.get("blocks") or "half", bool(r.get("autocast"))))
         if r["row"] != 6 or not r.get("s"):
             continue
-        if r.get("fast") is False:  # stock modules: against the fast path's step, same settings
-            if base.get("fast path"):
-                r["vs_fast_path"] = r["s"]["min"] / base["fast path"]
+        if r.get("against"):  # stock modules: against the fast path's step, same settings
+            if by_name.get(r["against"]):
+                r["vs_fast_path"] = r["s"]["min"] / by_name[r["against"]]
         elif ref:
             r["vs_lora_no_cache"] = r["s"]["min"] / ref
 
