@@ -31,7 +31,10 @@ def test_two_way_and_mask_head_equal_segment_anything(decoder):
         side = image_side(tr, emb, pos)
         # token-major rows, as every click adds to and normalises them (strided: a copy per op)
         assert side.keys.is_contiguous() and side.pe.is_contiguous()
+        before = [x.clone() for x in (side.keys, side.pe, side.k, side.v, side.q)]
         hs, src = two_way(tr, side, tokens)  # 3 prompts on each of 2 rows
+        # later blocks add to their image tokens in place outside autograd, never to the side's
+        assert all(torch.equal(x, y) for x, y in zip(before, (side.keys, side.pe, side.k, side.v, side.q)))
         # keep=2: the first two tokens only, the same values (the final attention's rows are independent)
         hs2, src2 = two_way(tr, side, tokens, keep=2)
         assert hs2.shape == (6, 2, c) and torch.equal(src2, src)

@@ -128,10 +128,10 @@ def _image_to_tokens(a, q: torch.Tensor, queries: torch.Tensor, qpe: torch.Tenso
     r, h, hw, d = q.shape
     n, t, c = queries.shape
     m = n // r
-    k = _heads(a.k_proj(queries + qpe), a.num_heads).to(q.dtype)  # (n, h, T, d)
+    k = (_heads(a.k_proj(queries + qpe), a.num_heads) * (1 / math.sqrt(d))).to(q.dtype)  # (n, h, T, d), scaled
     v = _heads(a.v_proj(queries), a.num_heads)
     k = k.reshape(r, m, h, t, d).transpose(1, 2).reshape(r, h, m * t, d)
-    scores = (k @ q.transpose(2, 3)) * (1 / math.sqrt(d))  # (r, h, m·T, HW): softmax along HW-contiguous rows
+    scores = k @ q.transpose(2, 3)  # (r, h, m·T, HW): softmax along HW-contiguous rows
     p = scores.reshape(r, h, m, t, hw).softmax(3)
     if not _plain(a.out_proj):
         out = p.permute(0, 2, 1, 4, 3) @ v.reshape(r, m, h, t, d).to(q.dtype)  # (r, m, h, HW, d)
@@ -139,21 +139,27 @@ def _image_to_tokens(a, q: torch.Tensor, queries: torch.Tensor, qpe: torch.Tenso
     return _plus_weighted_values(base, a, p.transpose(1, 2).reshape(n, h * t, hw), v)
 
 
-def _plus_weighted_values(base: torch.Tensor, a, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _plus_weighted_values(base: torch.Tensor, a, p: torch.Tensor, v: torch.Tensor,
+                          in_place: bool = False) -> torch.Tensor:
     """Image tokens ``base`` (n or 1, HW, C) plus the image→token output from attention weights
     p (n, heads·T, HW) and token values v (n, heads, T, d), with the output projection folded
     onto the values: ``base + P (v Wo + bo / heads)`` (each head's T weights of a pixel add up to
-    one, so the bias shares add up to ``bo``) in one product → (n, HW, C) in p's dtype."""
+    one, so the bias shares add up to ``bo``) in one product → (n, HW, C) in p's dtype.
+    ``in_place``: the sum is accumulated into ``base`` where no gradient is being recorded (one
+    pass less over the image tokens; the caller no longer needs them)."""
     n, h, t, _ = v.shape
-    vo = v.float() @ _out_per_head(a.out_proj, h) + a.out_proj.bias / h  # (n, h, T, C)
-    return torch.baddbmm(base, p.transpose(1, 2), vo.reshape(n, h * t, -1).to(p.dtype))
+    vo = (v.float() @ _out_per_head(a.out_proj, h) + a.out_proj.bias / h).reshape(n, h * t, -1).to(p.dtype)
+    if in_place and not torch.is_grad_enabled() and base.shape[0] == n:
+        return base.baddbmm_(p.transpose(1, 2), vo)
+    return torch.baddbmm(base, p.transpose(1, 2), vo)
 
 
 def _image_to_tokens_folded(a, keys: torch.Tensor, with_pe: torch.Tensor, queries: torch.Tensor,
                             qpe: torch.Tensor) -> torch.Tensor:
     """Image tokens ``keys`` (n, HW, C) — ``with_pe``: plus the positional encoding — attend to
     their prompt's tokens (n, T, C) with the image queries' projection folded onto the keys,
-    ``(x Wq + bq) · k = x · (Wq k) + bq · k`` → ``keys`` plus the output, (n, HW, C) in their dtype."""
+    ``(x Wq + bq) · k = x · (Wq k) + bq · k`` → ``keys`` plus the output, (n, HW, C) in their dtype
+    (accumulated into ``keys`` itself outside autograd)."""
     n, t, c = queries.shape
     h = a.num_heads
     d = a.internal_dim // h
@@ -165,7 +171,7 @@ def _image_to_tokens_folded(a, keys: torch.Tensor, with_pe: torch.Tensor, querie
     scores = torch.baddbmm(kb, kq, with_pe.transpose(1, 2))  # (n, h·T, HW)
     hw = scores.shape[-1]
     p = scores.view(n, h, t, hw).softmax(2).view(n, h * t, hw)
-    return _plus_weighted_values(keys, a, p, v)
+    return _plus_weighted_values(keys, a, p, v, in_place=True)
 
 
 def _tokens_to_image(a, queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -182,16 +188,23 @@ def _tokens_to_image(a, queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     return a.out_proj(_merge(out))
 
 
-def _tokens_to_image_folded(a, queries: torch.Tensor, keys: torch.Tensor, with_pe: torch.Tensor) -> torch.Tensor:
+def _tokens_to_image_folded(a, queries: torch.Tensor, keys: torch.Tensor, with_pe: torch.Tensor | None,
+                            pe: torch.Tensor) -> torch.Tensor:
     """Prompt tokens (n, T, C) attend to their prompt's image tokens (n, HW, C) (``with_pe``: plus
-    the positional encoding), with the image projections folded onto the queries: scores
-    ``(q Wk) · x`` (``q · bk`` is the same for a whole softmax row) and output ``(P x) Wv + bv``
-    (P's rows add up to one) → (n, T, C)."""
+    the positional encoding ``pe`` (1, HW, C); None: not formed, see below), with the image
+    projections folded onto the queries: scores ``(q Wk) · x`` (``q · bk`` is the same for a whole
+    softmax row) and output ``(P x) Wv + bv`` (P's rows add up to one) → (n, T, C). Without
+    ``with_pe`` the scores are ``(q Wk) · x + (q Wk) · pe``: for a few queries (the final
+    attention's) that second product costs less than a pass over every prompt's image tokens."""
     n, t, c = queries.shape
     h = a.num_heads
     q = _heads(a.q_proj(queries), h)  # (n, h, T, d)
-    qk = ((q @ _per_head(a.k_proj, h)) * (1 / math.sqrt(q.shape[-1]))).reshape(n, h * t, c)
-    p = (qk.to(keys.dtype) @ with_pe.transpose(1, 2)).softmax(-1)  # (n, h·T, HW)
+    qk = ((q @ _per_head(a.k_proj, h)) * (1 / math.sqrt(q.shape[-1]))).reshape(n, h * t, c).to(keys.dtype)
+    if with_pe is None:
+        scores = torch.baddbmm((qk.reshape(-1, c) @ pe[0].t()).view(n, h * t, -1), qk, keys.transpose(1, 2))
+    else:
+        scores = qk @ with_pe.transpose(1, 2)
+    p = scores.softmax(-1)  # (n, h·T, HW)
     px = (p @ keys).float().view(n, h, t, c)
     out = px @ _per_head(a.v_proj, h).transpose(1, 2)  # (n, h, T, d)
     return a.out_proj(_merge(out) + a.v_proj.bias)
@@ -221,7 +234,7 @@ def two_way(tr: TwoWayTransformer, side: ImageSide, tokens: torch.Tensor,
         queries = block.norm1(queries + block.self_attn(q=queries + qpe, k=queries + qpe, v=queries))
         a, b = block.cross_attn_token_to_image, block.cross_attn_image_to_token
         with_pe = keys + pe
-        queries = block.norm2(queries + _attend_image(a, queries + qpe, keys, with_pe))
+        queries = block.norm2(queries + _attend_image(a, queries + qpe, keys, pe, with_pe))
         queries = block.norm3(queries + block.mlp(queries))
         if _plain(b.q_proj, b.out_proj):
             keys = _image_to_tokens_folded(b, keys, with_pe, queries, qpe)
@@ -230,15 +243,17 @@ def two_way(tr: TwoWayTransformer, side: ImageSide, tokens: torch.Tensor,
         keys = _norm(block.norm4, keys)
     a = tr.final_attn_token_to_image
     queries, qpe = queries[:, :keep], qpe[:, :keep]
-    return tr.norm_final_attn(queries + _attend_image(a, queries + qpe, keys, keys + pe)), keys
+    return tr.norm_final_attn(queries + _attend_image(a, queries + qpe, keys, pe)), keys
 
 
-def _attend_image(a, queries: torch.Tensor, keys: torch.Tensor, with_pe: torch.Tensor) -> torch.Tensor:
-    """Token→image attention of prompt tokens (n, T, C) over their own image tokens (n, HW, C):
+def _attend_image(a, queries: torch.Tensor, keys: torch.Tensor, pe: torch.Tensor,
+                  with_pe: torch.Tensor | None = None) -> torch.Tensor:
+    """Token→image attention of prompt tokens (n, T, C) over their own image tokens (n, HW, C)
+    with the positional encoding pe (1, HW, C) (``with_pe``: their sum, where the caller has it):
     folded where the image projections are plain, else through the modules."""
     if _plain(a.k_proj, a.v_proj):
-        return _tokens_to_image_folded(a, queries, keys, with_pe)
-    k, v = _lin(a.k_proj, with_pe), _lin(a.v_proj, keys)
+        return _tokens_to_image_folded(a, queries, keys, with_pe, pe)
+    k, v = _lin(a.k_proj, keys + pe if with_pe is None else with_pe), _lin(a.v_proj, keys)
     return _tokens_to_image(a, queries, _heads(k, a.num_heads), _heads(v, a.num_heads))
 
 
