@@ -37,10 +37,11 @@ automatic mask generator as a user's stock script runs them; rows 1, 2 and 4 "ow
    vs ``SamAutomaticMaskGenerator`` (32×32 points, defaults). Random weights give arbitrary
    semantic maps, so the text's semantic map is replaced by the image's ground-truth nucleus mask
    (what a trained model would give): the pipeline (thresholds, region splitting, one batched
-   decode, NMS, painting) then decodes ~100 objects. AMG's time is shown with and without its
-   own embedding (``generate`` always embeds), and micro-sam's ``AutomaticMaskGenerator`` on the
-   same weights (saved as an official checkpoint) and image, given its own embedding
-   (``--micro-sam-python``; see bench/microsam_amg.py).
+   decode, NMS, painting) then decodes ~100 objects. AMG's time (the least of two runs, as its
+   first run in a process is slower; ours: the least of three after a warm-up) is shown with and
+   without its own embedding (``generate`` always embeds), and micro-sam's
+   ``AutomaticMaskGenerator`` on the same weights (saved as an official checkpoint) and image,
+   given its own embedding (one run; ``--micro-sam-python``; see bench/microsam_amg.py).
 5. two-stage text pipeline peer, same image and same regions: CLIP similarity map → boxes →
    stock ``set_image`` + ``predict`` per box, vs ours: ``set_image`` + ``segment_text``.
 6. fine-tuning step time and peak RSS (each variant in its own subprocess): LoRA on the last half
@@ -77,7 +78,7 @@ sys.path.insert(0, str(HERE))
 from napari_clipsam.models import fast  # noqa: E402
 from napari_clipsam.models.clipsam import ClipSam, ClipSamConfig, Prompts  # noqa: E402
 from napari_clipsam.models.sam_parts import SamConfig  # noqa: E402
-from stock_sam import summary, timeit  # noqa: E402  (beside this script; imports nothing of napari-clipsam)
+from stock_sam import GENERATE_RUNS, summary, timeit  # noqa: E402  (beside this script; imports nothing of napari-clipsam)
 
 TEXT = "nucleus"
 SMOKE = bool(os.environ.get("BENCH_SMOKE"))  # tiny models: checks the code paths in seconds, numbers meaningless
@@ -505,7 +506,7 @@ def row_text_instances(models: Models, image01: np.ndarray, mask: np.ndarray, qu
     amg = SamAutomaticMaskGenerator(models.stock_sam, points_per_side=side)
     rgb = to_rgb_uint8(image01)
     outa = {}
-    ta = timeit(lambda: outa.__setitem__("m", amg.generate(rgb)), repeat=1, warmup=0)
+    ta = timeit(lambda: outa.__setitem__("m", amg.generate(rgb)), repeat=1 if quick else GENERATE_RUNS, warmup=0)
     emb = res.get("stock_set_image_s")
     if emb is None:  # row 1 not run: time stock's embedding here, once, so that it can be subtracted
         from segment_anything import SamPredictor
@@ -595,7 +596,7 @@ def row_stock_process(models: Models, image01: np.ndarray, quick: bool, res: dic
     post = out["generate_s"] - emb["min"]
     row = {"row": 4, "case": f"stock AMG ({side}×{side} points) without its embedding, {own}", "size": "1024²",
            "s": {"min": post, "median": post, "n": 1},
-           "note": f"generate {out['generate_s']:.1f} s, {out['masks']} masks kept"}
+           "note": f"generate {out['generate_s']:.1f} s (least of {out['generate_runs_s']['n']}), {out['masks']} masks kept"}
     if "text_instances_grid_s" in res:
         row["ours_speedup"] = ours_faster(post, res)
     res["rows"].append(row)
