@@ -139,6 +139,40 @@ def test_segment_text_reports_its_decode_chunks_on_one_view(demo):
     assert all(t == total and m == "segment_text" for _, t, m in seen)
 
 
+def test_decode_chunk_keeps_a_calls_image_tokens_under_the_heap_limit():
+    """vit_b's 8 prompts a call are 16 MiB of image tokens in bf16 but 32 MiB in fp32, above the
+    largest block glibc's heap serves: in fp32 fewer prompts go in a call."""
+    from napari_clipsam.engine.text_instances import DECODE_CHUNK, decode_chunk
+
+    vit_b = 256 * 64 * 64
+    assert decode_chunk(vit_b, torch.bfloat16) == 8
+    assert decode_chunk(vit_b, torch.float32) == 6
+    assert decode_chunk(vit_b, torch.float32) * vit_b * 4 < 32 << 20
+    assert decode_chunk(32 * 16 * 16, torch.float32) == DECODE_CHUNK
+    assert decode_chunk(10**9, torch.float32) == 1
+    with pytest.raises(ValueError, match="at least one element"):
+        decode_chunk(0, torch.float32)
+
+
+def test_segment_text_decodes_in_chunks_of_the_byte_budget(demo, monkeypatch):
+    """The byte budget is counted in the image side's dtype (bf16 where the fast path autocasts)."""
+    from napari_clipsam.engine import text_instances
+    from napari_clipsam.models.fast import fast_path_info
+
+    sample = make_image(HELD_OUT + 11, counts={"nucleus": (8, 12)})
+    seg = Segmenter(demo)
+    seg.set_image(sample.image)
+    emb = seg._encoded(seg._views[0], "nucleus").embeddings
+    per_prompt = emb.shape[1] * emb.shape[2] * emb.shape[3]
+    info = fast_path_info(demo)
+    side = info.autocast_dtype if info is not None and info.enabled and info.autocast_dtype else torch.float32
+    monkeypatch.setattr(text_instances, "DECODE_BYTES", 3 * per_prompt * side.itemsize)
+    seen = []
+    seg.progress = lambda done, total, msg: seen.append(done)
+    seg.segment_text("nucleus")
+    assert len(seen) >= 3 and seen[0] == 3 and all(b - a == 3 for a, b in zip(seen[:-2], seen[1:-1]))
+
+
 def test_instances_lie_where_the_text_map_is(demo):
     """A grid seed on a faint spot of the map can be decoded onto an object of another kind;
     ``min_support`` drops such masks: far fewer false positives, better F1."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..models.clipsam import ClipSam, Encoded, Prompts
 from ..models.conditioning import grid_seeds, pseudo_prompts
 from ..models.decoding import OUTSIDE
-from ..models.fast import fast_inference
+from ..models.fast import fast_inference, fast_path_info
 from .instances import (MIN_AREA, MIN_SCORE, MIN_SUPPORT, NMS_IOU, REGION_MARGIN, TEXT_THRESHOLD, Instances,
                         consensus_nms, mask_nms, paint_labels)
 from .preprocess import Frame, fraction_to_logits, postprocess_logits
@@ -30,6 +30,15 @@ DECODE_CHUNK = 32  # prompts per decode call at most, and masks per postprocessi
 #: 1377 grid seeds at vit_b 1024² (ssp, 15 tokens a prompt), bf16, 2 threads, at 2 / 4 / 8 / 16
 #: prompts a call: 14.6-15.6 / 12.2-13.5 / 11.6-12.8 / 14.2-15.3 s (2-5 runs each).
 DECODE_ELEMENTS = 1 << 23
+#: Bytes of a decode call's image tokens (prompts × h·w × channels, in the image side's dtype) at
+#: most: under the largest block glibc's heap serves (32 MB with the fast path's allocator
+#: settings, ``fast.MALLOC_SETTINGS``), so each call's image-sized temporaries reuse heap memory
+#: instead of being mapped and faulted in afresh. Binds in fp32 only: vit_b's 8 prompts a call
+#: are 16 MiB in bf16 but 32 MiB in fp32. vit_b 1024² fp32, 1377 grid seeds, 2 threads (Intel Xeon
+#: without AMX), one process, alternating rounds: 8 / 6 / 4 prompts a call 21.6-24.2 / 18.8-22.1 /
+#: 20.5-29.6 s (another pair: 8 / 6 21.9-27.1 / 21.0-24.8 s); minor page faults per run 1.56 M at 8,
+#: 0.15 M at 7, 6 or 4 prompts; image-side layer norms 4.1 → 1.4 s a run.
+DECODE_BYTES = 24 << 20
 _CONSENSUS_GRID = 128
 
 
@@ -55,6 +64,14 @@ def bounding_windows(masks: torch.Tensor) -> torch.Tensor:
     boxes = torch.stack([y0, x0, y1, x1], 1).long()
     boxes[empty] = torch.tensor([0, 0, h, w])
     return boxes
+
+
+def decode_chunk(elements: int, dtype: torch.dtype) -> int:
+    """Prompts a decode call, for ``elements`` image-token elements a prompt (h·w × channels) in
+    the image side's ``dtype``: at most ``DECODE_CHUNK``, ``DECODE_ELEMENTS`` and ``DECODE_BYTES``."""
+    if elements < 1:
+        raise ValueError(f"a prompt's image tokens must have at least one element, got {elements}")
+    return max(1, min(DECODE_CHUNK, DECODE_ELEMENTS // elements, DECODE_BYTES // (elements * dtype.itemsize)))
 
 
 def view_instances(model: ClipSam, enc: Encoded, frame: Frame, threshold: float = TEXT_THRESHOLD,
@@ -103,7 +120,9 @@ def view_instances(model: ClipSam, enc: Encoded, frame: Frame, threshold: float 
     # near their regions are upscaled (the mask head's cost), and the rest is cleared.
     windows = bounding_windows(near[:, 0])
     emb = enc.embeddings
-    chunk = max(1, min(DECODE_CHUNK, DECODE_ELEMENTS // (emb.shape[1] * emb.shape[2] * emb.shape[3])))
+    info = fast_path_info(model)
+    side_dtype = info.autocast_dtype if info is not None and info.enabled and info.autocast_dtype else emb.dtype
+    chunk = decode_chunk(emb.shape[1] * emb.shape[2] * emb.shape[3], side_dtype)
     f = max(1, m // _CONSENSUS_GRID)  # grid seeds vote on at most 128² cells (memory: N × cells)
     low_masks = torch.empty(n, 1, m, m, device=emb.device)  # filled chunk by chunk (no concatenation)
     iou = torch.empty(n, device=emb.device)
@@ -152,4 +171,4 @@ def view_labels(model: ClipSam, enc: Encoded, frame: Frame) -> np.ndarray:
     return to_labels(inst, frame.original)[0]
 
 
-__all__ = ["DECODE_CHUNK", "DECODE_ELEMENTS", "bounding_windows", "grow", "to_labels", "view_instances", "view_labels"]
+__all__ = ["DECODE_BYTES", "DECODE_CHUNK", "DECODE_ELEMENTS", "decode_chunk", "bounding_windows", "grow", "to_labels", "view_instances", "view_labels"]
