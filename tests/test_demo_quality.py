@@ -157,15 +157,14 @@ def test_decode_chunk_keeps_a_calls_image_tokens_under_the_heap_limit():
 def test_segment_text_decodes_in_chunks_of_the_byte_budget(demo, monkeypatch):
     """The byte budget is counted in the image side's dtype (bf16 where the fast path autocasts)."""
     from napari_clipsam.engine import text_instances
-    from napari_clipsam.models.fast import fast_path_info
+    from napari_clipsam.models.fast import inference_autocast
 
     sample = make_image(HELD_OUT + 11, counts={"nucleus": (8, 12)})
     seg = Segmenter(demo)
     seg.set_image(sample.image)
     emb = seg._encoded(seg._views[0], "nucleus").embeddings
     per_prompt = emb.shape[1] * emb.shape[2] * emb.shape[3]
-    info = fast_path_info(demo)
-    side = info.autocast_dtype if info is not None and info.enabled and info.autocast_dtype else torch.float32
+    side = inference_autocast(demo) or torch.float32
     monkeypatch.setattr(text_instances, "DECODE_BYTES", 3 * per_prompt * side.itemsize)
     seen = []
     seg.progress = lambda done, total, msg: seen.append(done)

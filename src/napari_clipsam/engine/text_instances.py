@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..models.clipsam import ClipSam, Encoded, Prompts
 from ..models.conditioning import grid_seeds, pseudo_prompts
 from ..models.decoding import OUTSIDE
-from ..models.fast import fast_inference, fast_path_info
+from ..models.fast import fast_inference, inference_autocast
 from .instances import (MIN_AREA, MIN_SCORE, MIN_SUPPORT, NMS_IOU, REGION_MARGIN, TEXT_THRESHOLD, Instances,
                         consensus_nms, mask_nms, paint_labels)
 from .preprocess import Frame, fraction_to_logits, postprocess_logits
@@ -120,8 +120,7 @@ def view_instances(model: ClipSam, enc: Encoded, frame: Frame, threshold: float 
     # near their regions are upscaled (the mask head's cost), and the rest is cleared.
     windows = bounding_windows(near[:, 0])
     emb = enc.embeddings
-    info = fast_path_info(model)
-    side_dtype = info.autocast_dtype if info is not None and info.enabled and info.autocast_dtype else emb.dtype
+    side_dtype = inference_autocast(model) or torch.float32  # the decoder's image side (ClipSam.decode)
     chunk = decode_chunk(emb.shape[1] * emb.shape[2] * emb.shape[3], side_dtype)
     f = max(1, m // _CONSENSUS_GRID)  # grid seeds vote on at most 128² cells (memory: N × cells)
     low_masks = torch.empty(n, 1, m, m, device=emb.device)  # filled chunk by chunk (no concatenation)

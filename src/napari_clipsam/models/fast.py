@@ -676,6 +676,12 @@ def fast_path_info(model: nn.Module) -> FastPathInfo | None:
     return getattr(model, _INFO_ATTR, None)
 
 
+def inference_autocast(model: nn.Module) -> torch.dtype | None:
+    """The dtype :func:`fast_inference` (with autocast) runs ``model`` in, or None (no autocast)."""
+    info = fast_path_info(model)
+    return info.autocast_dtype if info is not None and info.enabled else None
+
+
 @contextlib.contextmanager
 def fast_inference(model: nn.Module, autocast: bool = True) -> Iterator[FastPathInfo | None]:
     """``torch.inference_mode`` plus, where the fast path chose it, autocast to bf16/fp16.
@@ -686,7 +692,7 @@ def fast_inference(model: nn.Module, autocast: bool = True) -> Iterator[FastPath
     ``.float()`` where precision matters; image embeddings are returned in fp32.
     """
     info = fast_path_info(model)
-    dtype = info.autocast_dtype if (info is not None and info.enabled and autocast) else None
+    dtype = inference_autocast(model) if autocast else None
     with torch.inference_mode():
         if dtype is None:
             yield info
@@ -697,6 +703,6 @@ def fast_inference(model: nn.Module, autocast: bool = True) -> Iterator[FastPath
 
 __all__ = ["FastPathInfo", "FastEncoderAttention", "FastEncoderMLP", "FastDecoderAttention", "enable_fast_path",
            "disable_fast_path", "fast_inference", "fast_path_info", "fast_path_allowed",
-           "autocast_dtype_for", "augment_on_cpu", "bf16_matmul_speedup", "bias_as_channels", "cpu_has_fast_bf16",
+           "autocast_dtype_for", "inference_autocast", "augment_on_cpu", "bf16_matmul_speedup", "bias_as_channels", "cpu_has_fast_bf16",
            "cpu_flags", "cpu_id", "cpu_model",
            "MALLOC_SETTINGS", "tune_malloc"]
