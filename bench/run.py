@@ -218,7 +218,7 @@ def to_rgb_uint8(image01: np.ndarray) -> np.ndarray:
 
 def forced_bf16() -> str:
     """Why row 1's bf16 case is forced on a CPU where the fast path does not choose bf16."""
-    if {"avx512_bf16", "amx_bf16"} & fast.cpu_flags():
+    if fast.cpu_has_native_bf16():
         return f"forced; native here, but bf16 matmuls run {fast.bf16_matmul_speedup():.2f}× fp32's rate"
     return "forced; emulated on this CPU"
 

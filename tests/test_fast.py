@@ -373,6 +373,7 @@ def test_autocast_decision_follows_cpu_flags_and_the_measured_bf16_rate(monkeypa
     monkeypatch.setattr(fast, "bf16_matmul_speedup", lambda: 0.72)  # as on an Intel Xeon without AMX
     dtype, reason = fast.autocast_dtype_for("cpu")
     assert dtype is None and "0.72×" in reason and not fast.cpu_has_fast_bf16()
+    assert fast.cpu_has_native_bf16()  # native, just not faster here
 
     def not_measured():
         raise AssertionError("no probe without the flags")
@@ -381,6 +382,7 @@ def test_autocast_decision_follows_cpu_flags_and_the_measured_bf16_rate(monkeypa
     monkeypatch.setattr(fast, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     dtype, reason = fast.autocast_dtype_for("cpu")
     assert dtype is None and "emulated" in reason and not fast.cpu_has_fast_bf16()
+    assert not fast.cpu_has_native_bf16()
     assert fast.autocast_dtype_for("meta")[0] is None
 
 

@@ -179,11 +179,21 @@ def bf16_matmul_speedup() -> float:
         return best(torch.float32) / best(torch.bfloat16)
 
 
+#: CPU flags of native bf16 matrix products (AVX512-BF16, AMX); without one oneDNN emulates bf16.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has native bf16 matrix products (any of :data:`NATIVE_BF16_FLAGS`);
+    whether they are also faster than fp32 here is :func:`cpu_has_fast_bf16`."""
+    return bool(NATIVE_BF16_FLAGS & cpu_flags())
+
+
 def cpu_has_fast_bf16() -> bool:
-    """True where the CPU has native bf16 matmuls (AVX512-BF16 or AMX) and they measure at least
-    :data:`BF16_MIN_SPEEDUP` × fp32's rate (:func:`bf16_matmul_speedup`); elsewhere oneDNN
-    emulates bf16, or runs it no faster, and autocast would be slower than fp32."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
+    """True where the CPU has native bf16 matmuls (:func:`cpu_has_native_bf16`) and they measure
+    at least :data:`BF16_MIN_SPEEDUP` × fp32's rate (:func:`bf16_matmul_speedup`); elsewhere
+    oneDNN emulates bf16, or runs it no faster, and autocast would be slower than fp32."""
+    return cpu_has_native_bf16() and bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
 
 
 def augment_on_cpu() -> bool:
@@ -225,7 +235,7 @@ def autocast_dtype_for(device: torch.device | str) -> tuple[torch.dtype | None, 
             return torch.bfloat16, "CUDA with bf16"
         return torch.float16, "CUDA without bf16: fp16"
     if device.type == "cpu":
-        if not {"avx512_bf16", "amx_bf16"} & cpu_flags():
+        if not cpu_has_native_bf16():
             return None, "CPU without avx512_bf16/amx_bf16: bf16 would be emulated (slower than fp32)"
         speedup = bf16_matmul_speedup()
         if speedup >= BF16_MIN_SPEEDUP:
