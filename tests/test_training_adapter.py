@@ -114,3 +114,27 @@ def test_save_load_identical_masks_and_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_adapter(tmp_path / "junk.safetensors", _model())
+
+
+def test_training_a_loaded_adapter_further_keeps_its_lora_settings(tmp_path, caplog):
+    """A colleague's rank-4 adapter trained further with the default config (rank 8, alpha 16):
+    training goes on with the loaded layers, and the saved file records them, so it loads and
+    gives the same masks."""
+    first = _model()
+    finetune(first, _examples(), FineTuneConfig(steps=2, seed=1, patience=0, autocast=False, lora_rank=4, lora_alpha=8.0,
+                                                lora_blocks="all"))
+    theirs = save_adapter(tmp_path / "theirs.safetensors", first)
+    m = _model()
+    load_adapter(theirs, m)
+    with caplog.at_level("WARNING", logger="napari_clipsam.training.finetune"):
+        res = finetune(m, _examples(), FineTuneConfig(steps=2, seed=2, patience=0, autocast=False, lr=1e-2))
+    assert "already has LoRA (rank 4, alpha 8" in caplog.text
+    assert (res.config.lora_rank, res.config.lora_alpha, tuple(res.config.lora_blocks)) == (4, 8.0, (0, 1))
+    mine = save_adapter(tmp_path / "mine.safetensors", m)
+    meta, _ = read_adapter(mine)
+    assert meta["lora"] == {"rank": 4, "alpha": 8.0, "blocks": [0, 1], "dropout": 0.0}
+    images = torch.rand(2, 3, 64, 64)
+    fresh = _model()
+    load_adapter(mine, fresh)
+    assert torch.equal(_masks(fresh, images)[0], _masks(m, images)[0])
+    assert not torch.equal(_masks(fresh, images)[0], _masks(first, images)[0])  # the second run trained

@@ -30,7 +30,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -42,8 +42,8 @@ from ..evaluation import f1_score, match_instances
 from ..models.clipsam import ClipSam, ImageFeatures, Prompts
 from ..models.fast import autocast_dtype_for, disable_fast_path, enable_fast_path, fast_path_allowed, fast_path_info
 from .examples import TrainingExample, validate_examples
-from .lora import (LoraSettings, attach_lora, detach_lora, has_lora, lora_blocks_of, lora_state, set_trainable,
-                   trainable_report)
+from .lora import (LoraSettings, attach_lora, detach_lora, has_lora, lora_blocks_of, lora_settings_of, lora_state,
+                   resolve_lora_blocks, set_trainable, trainable_report)
 from .losses import LossWeights, mask_loss
 from .prompts import (MODES, PromptItem, PromptSettings, correction_prompts, group_prompts, interior_point, simulate,
                       _box_of, _item)
@@ -578,11 +578,32 @@ def train_autocast_dtype(model: ClipSam, autocast: bool | None = None) -> torch.
     return dtype if dtype == torch.bfloat16 else None
 
 
+def _with_existing_lora(model: ClipSam, config: FineTuneConfig) -> FineTuneConfig:
+    """``config`` with the LoRA settings of the layers ``model`` already carries, if any."""
+    have = lora_settings_of(model)
+    if have is None:
+        return config
+    asked = config.lora()
+    if config.lora_rank == 0:
+        log.warning("lora_rank=0, but the model already has LoRA on blocks %s: training goes on with those layers",
+                    list(have.blocks))
+    elif ((asked.rank, asked.alpha, asked.dropout) != (have.rank, have.alpha, have.dropout)
+          or resolve_lora_blocks(asked.blocks, len(model.sam.image_encoder.blocks)) != have.blocks):
+        log.warning("the model already has LoRA (rank %d, alpha %g, dropout %g, blocks %s): training goes on with "
+                    "those layers, not the requested rank %d, alpha %g, dropout %g, blocks %s", have.rank, have.alpha,
+                    have.dropout, list(have.blocks), asked.rank, asked.alpha, asked.dropout, asked.blocks)
+    return replace(config, lora_rank=have.rank, lora_alpha=have.alpha, lora_blocks=have.blocks, lora_dropout=have.dropout)
+
+
 # ---------------------------------------------------------------------------------------------- main
 def finetune(model: ClipSam, examples: Sequence[TrainingExample], config: FineTuneConfig | None = None,
              callback: Callable[[Progress], bool | None] | None = None,
              cancel: threading.Event | None = None) -> FineTuneResult:
     """Fine-tune ``model`` in place on ``examples``; returns a :class:`FineTuneResult`.
+
+    A model that already carries LoRA (a loaded or earlier adapter) goes on training those
+    layers: their rank, alpha, dropout and blocks replace the config's LoRA settings (a warning
+    is logged where they differ; ``result.config`` and the saved adapter record the layers' own).
 
     On success the model keeps LoRA layers (if ``lora_rank`` > 0) and the best weights found, is
     in eval mode with its ``requires_grad`` flags as before (new LoRA factors frozen), and carries
@@ -596,6 +617,7 @@ def finetune(model: ClipSam, examples: Sequence[TrainingExample], config: FineTu
     """
     config = config or FineTuneConfig()
     config.check()
+    config = _with_existing_lora(model, config)
     examples = validate_examples(examples)
     t_start = time.perf_counter()
     snap = _Snapshot(model)
@@ -746,7 +768,7 @@ def _run(model, examples, config, callback, cancel, snap, t_start, base_fp) -> F
     if not snap.has_attr:  # first adapter on this base: remember the base weights for remove_adapter
         setattr(model, BASE_ATTR, {n: t for n, t in snap.tensors.items() if not ".lora_" in n})
     setattr(model, ADAPTER_ATTR, {
-        "lora": ({**config.lora().to_dict(), "blocks": list(lora_blocks_of(model))} if has_lora(model) else None),
+        "lora": (lora_settings_of(model).to_dict() if has_lora(model) else None),
         "train_decoder": bool(config.train_decoder or prev.get("train_decoder", False)),
         "train_conditioning": bool(config.train_conditioning or prev.get("train_conditioning", False)),
         "texts": sorted(set(texts) | set(prev.get("texts", []))),

@@ -97,6 +97,21 @@ def lora_blocks_of(model: nn.Module) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def lora_settings_of(model: nn.Module) -> LoraSettings | None:
+    """The settings of the LoRA layers ``model`` carries (rank, alpha and dropout read from the
+    layers themselves, blocks as indices), or None without LoRA. ValueError if the layers
+    disagree with each other (not something :func:`attach_lora` makes)."""
+    mods = list(lora_modules(model).values())
+    if not mods:
+        return None
+    found = {(int(m.r["default"]), float(m.lora_alpha["default"]), float(getattr(m.lora_dropout["default"], "p", 0.0)))
+             for m in mods}
+    if len(found) > 1:
+        raise ValueError(f"the model's LoRA layers have different settings (rank, alpha, dropout): {sorted(found)}")
+    rank, alpha, dropout = found.pop()
+    return LoraSettings(rank=rank, alpha=alpha, blocks=lora_blocks_of(model), dropout=dropout)
+
+
 def attach_lora(model: nn.Module, settings: LoraSettings) -> tuple[int, ...]:
     """Wrap ``qkv`` of the chosen encoder blocks in LoRA layers (in place). Returns the blocks.
 
@@ -175,4 +190,4 @@ def trainable_report(model: nn.Module) -> dict[str, float | int]:
 
 
 __all__ = ["LoraSettings", "LORA_TARGET", "attach_lora", "detach_lora", "has_lora", "lora_blocks_of",
-           "lora_modules", "lora_state", "merge_lora", "resolve_lora_blocks", "set_trainable", "trainable_report"]
+           "lora_modules", "lora_settings_of", "lora_state", "merge_lora", "resolve_lora_blocks", "set_trainable", "trainable_report"]
