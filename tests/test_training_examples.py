@@ -23,9 +23,35 @@ def test_2d_and_several_classes():
     dots[5, 5] = 1
     exs = examples_from_arrays(img, {"nucleus": lab, "vesicle": dots}, name="cells")
     assert [e.text for e in exs] == ["nucleus", "vesicle"]
-    assert exs[0].num_instances == 2 and exs[0].group == exs[1].group == "cells"
+    assert exs[0].num_instances == 2 and exs[0].group == exs[1].group and exs[0].group.startswith("cells#")
     assert examples_from_arrays(img, [lab, dots], ["a", "b"])[1].text == "b"
     validate_examples(exs)
+
+
+def test_groups_follow_the_pixels_not_the_name(tmp_path):
+    """Different images under one name (the default "image", or files named alike in two folders)
+    are different images to the validation split; one image given once per class is one."""
+    from napari_clipsam.training.finetune import split_examples
+    import tifffile
+
+    scenes = [_scene() for _ in range(5)]
+    for k, (img, _) in enumerate(scenes):
+        img[0, k] = 7  # five different images
+    exs = [ex for img, lab in scenes for ex in examples_from_arrays(img, lab, "nucleus")]
+    assert all(ex.name == "image" for ex in exs) and len({ex.group for ex in exs}) == 5
+    _, val, info = split_examples(exs, 0.25, np.random.default_rng(0))
+    assert info["kind"] == "examples" and len(val) == 1  # one whole image held out, not a strip of each
+    for k, (img, lab) in enumerate(scenes):
+        (tmp_path / f"s{k}").mkdir()
+        tifffile.imwrite(tmp_path / f"s{k}" / "raw.tif", img)
+        tifffile.imwrite(tmp_path / f"s{k}" / "labels.tif", lab)
+    files = [ex for k in range(5) for ex in examples_from_files(tmp_path / f"s{k}" / "raw.tif",
+                                                                 tmp_path / f"s{k}" / "labels.tif", "nucleus")]
+    assert len({ex.group for ex in files}) == 5 and all(ex.name == "raw.tif" for ex in files)
+    img, lab = scenes[0]
+    two = examples_from_arrays(img, lab, "nucleus") + examples_from_arrays(img.copy(), (lab > 0).astype(np.uint8), "cell")
+    assert two[0].group == two[1].group
+    assert examples_from_arrays(img, lab, "nucleus", group="dish 1")[0].group == "dish 1"
 
 
 def test_volume_slices_sampled_and_empty_down_weighted():

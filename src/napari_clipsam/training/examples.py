@@ -11,6 +11,7 @@ training starts, exactly as at inference.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,14 @@ def _label_sets(labels: Any, text: str | Sequence[str] | None) -> list[tuple[str
     return [(text, labels)]
 
 
+def _pixel_digest(img: np.ndarray) -> str:
+    """A short digest of an array's shape, dtype and values (which examples share an image)."""
+    h = hashlib.blake2b(f"{img.shape}{img.dtype.str}".encode(), digest_size=8)
+    if img.size:
+        h.update(memoryview(np.ascontiguousarray(img)).cast("B"))
+    return h.hexdigest()
+
+
 def examples_from_arrays(
     image: np.ndarray,
     labels: np.ndarray | Mapping[str, np.ndarray] | Sequence[np.ndarray],
@@ -126,6 +135,7 @@ def examples_from_arrays(
     max_empty_fraction: float = 0.25,
     seed: int = 0,
     channel_axis: int | None = None,
+    group: str | None = None,
 ) -> list[TrainingExample]:
     """Examples from a 2D image or a 3D (Z, Y, X) volume and one or more label images.
 
@@ -139,10 +149,16 @@ def examples_from_arrays(
     empty_slice_weight, max_empty_fraction : volumes: slices without labels of the class are
         added with this weight, at most this fraction of the labelled slices (0 disables).
     seed : slice sampling seed.
+    group : examples of one group are one image to the validation split (held out together).
+        Default: ``name`` plus a digest of the image's pixels, so that the same image given
+        twice (e.g. once per class) is one group, and different images are different groups
+        even under the same name (the default ``"image"``, or files named alike in different
+        folders). A volume's slices are groups of their own (``group[z=…]``).
 
     Raises ``ValueError`` naming the image/class when shapes or dtypes do not fit.
     """
     img = np.asarray(image)
+    group = f"{name}#{_pixel_digest(img)}" if group is None else str(group)
     out: list[TrainingExample] = []
     for t, lab in _label_sets(labels, text):
         lab = np.asarray(lab)
@@ -152,7 +168,7 @@ def examples_from_arrays(
         if lab.ndim == 3 and not is_volume:
             raise ValueError(f"example ({who}): labels are 3D {lab.shape} but the image is {img.shape}")
         if not is_volume:
-            ex = TrainingExample(img, lab, t, weight=weight, name=name, group=name, channel_axis=channel_axis)
+            ex = TrainingExample(img, lab, t, weight=weight, name=name, group=group, channel_axis=channel_axis)
             ex.validate()
             out.append(ex)
             continue
@@ -173,7 +189,7 @@ def examples_from_arrays(
         for z in sorted(filled + picked_empty):
             has = z in filled
             ex = TrainingExample(img[z], lab[z], t, weight=weight * (1.0 if has else empty_slice_weight),
-                                 name=f"{name}[z={z}]", allow_empty=not has, group=f"{name}[z={z}]")
+                                 name=f"{name}[z={z}]", allow_empty=not has, group=f"{group}[z={z}]")
             ex.validate()
             out.append(ex)
     return out
