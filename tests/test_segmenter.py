@@ -51,6 +51,24 @@ def test_predict_twice_runs_the_image_encoder_once(strategy):
     assert np.array_equal(seg.predict(points=[[10, 20]], labels=[1])[0], m1)
 
 
+def test_set_normalized_keeps_its_own_copy_of_the_pixels():
+    """A caller reusing its buffer after set_normalized(embed=False) must not get the new pixels'
+    embedding stored, and later returned, under the first image's key."""
+    from napari_clipsam.engine.preprocess import normalize_image
+
+    a, b = normalize_image(_image(0)), normalize_image(_image(1))
+    ref = Segmenter(_model())
+    ref.set_normalized(a)
+    want = ref.predict_torch(points=[[10, 20]])[0]
+    seg = Segmenter(_model(), cache=EmbeddingCache())
+    buf = a.copy()
+    seg.set_normalized(buf, embed=False)
+    buf[:] = b  # the caller reuses its buffer before the (lazy) embedding runs
+    assert torch.equal(seg.predict_torch(points=[[10, 20]])[0], want)
+    seg.set_normalized(a.copy())
+    assert torch.equal(seg.predict_torch(points=[[10, 20]])[0], want)
+
+
 def _fresh_prediction(model, image, **prompts):
     """Logits from a copy of ``model`` in a new segmenter with an empty cache."""
     clone = ClipSam(model.config)
@@ -149,6 +167,7 @@ def test_bad_inputs_raise_clear_errors():
         (dict(), "needs points"),
         (dict(points=[[1, 1]], text=""), "non-empty"),
         (dict(mask_input=np.zeros((3, 3), bool)), "mask_input"),
+        (dict(mask_input=np.zeros((48, 56), bool)), "mask_input is empty"),
     ]
     for kw, msg in cases:
         with pytest.raises(ValueError, match=msg):

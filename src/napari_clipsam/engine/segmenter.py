@@ -226,7 +226,7 @@ class Segmenter:
         every tile are computed now (cached); otherwise on first use (or by :meth:`embed_tiles`).
         A constant image is allowed: every result on it is empty. Raises ``ValueError`` for bad images.
         """
-        self.set_normalized(normalize_image(image, channel_axis, channels), embed, progress)
+        self._adopt(normalize_image(image, channel_axis, channels), embed, progress)
 
     def embed_tiles(self, region: Sequence[float] | None = None, progress: Progress | None = None) -> int:
         """Compute (and cache) the image features of the tiles overlapping ``region``
@@ -251,8 +251,15 @@ class Segmenter:
         return len(order)
 
     def set_normalized(self, image01: np.ndarray, embed: bool = True, progress: Progress | None = None) -> None:
-        """Like :meth:`set_image` for an already normalised (H, W, 3) float image in [0, 1]."""
-        image01 = np.asarray(image01, np.float32)
+        """Like :meth:`set_image` for an already normalised (H, W, 3) float image in [0, 1]. The
+        segmenter keeps a copy: changing the caller's array afterwards changes nothing here."""
+        arr = np.asarray(image01, np.float32)
+        if isinstance(image01, np.ndarray) and np.shares_memory(arr, image01):
+            arr = arr.copy()  # the embedding (lazy for tiles) must be of the pixels hashed now
+        self._adopt(arr, embed, progress)
+
+    def _adopt(self, image01: np.ndarray, embed: bool, progress: Progress | None) -> None:
+        """Set a normalised (H, W, 3) float32 image that nothing else holds."""
         if image01.ndim != 3 or image01.shape[-1] != 3:
             raise ValueError(f"normalised image must be (H, W, 3), got {image01.shape}")
         self.reset_image()
@@ -365,6 +372,8 @@ class Segmenter:
             mask_input = np.asarray(mask_input, bool)
             if mask_input.shape != (h, w):
                 raise ValueError(f"mask_input must be a (H, W) = {(h, w)} boolean mask, got {mask_input.shape}")
+            if not mask_input.any():
+                raise ValueError("mask_input is empty (all False): give a mask with the object in it, or leave it out")
         return points, labels, box, mask_input
 
     def _route(self, points, box, mask_input) -> _View:
@@ -375,7 +384,7 @@ class Segmenter:
         if box is not None:
             xs += [box[0], box[2]]
             ys += [box[1], box[3]]
-        if mask_input is not None and mask_input.any():
+        if mask_input is not None:
             rows, cols = np.flatnonzero(mask_input.any(1)), np.flatnonzero(mask_input.any(0))
             xs += [cols[0], cols[-1] + 1]
             ys += [rows[0], rows[-1] + 1]

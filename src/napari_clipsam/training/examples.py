@@ -67,8 +67,9 @@ class TrainingExample:
             raise ValueError(f"{who}: image must be 2D (H, W) or RGB (H, W, 3), got shape {img.shape}; "
                              "use examples_from_arrays for volumes, or pass channel_axis for multichannel images")
         if lab.dtype == bool or not np.issubdtype(lab.dtype, np.integer):
-            raise ValueError(f"{who}: labels must be an integer instance label image, got dtype {lab.dtype} "
-                             "(float labels are not accepted: convert with labels.astype(np.uint32) if they are ids)")
+            fix = ("a mask, not instance labels: give each object its own id, e.g. scipy.ndimage.label(mask)[0]"
+                   if lab.dtype == bool else "convert with labels.astype(np.uint32) if they are ids")
+            raise ValueError(f"{who}: labels must be an integer instance label image, got dtype {lab.dtype} ({fix})")
         if lab.shape != tuple(spatial):
             raise ValueError(f"{who}: labels shape {lab.shape} does not match the image shape {tuple(spatial)}")
         if min(lab.shape) < 8:
