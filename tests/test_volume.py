@@ -30,6 +30,10 @@ def test_volume_inputs_normalisation_and_errors():
                     (dict(volume=vol), "needs points")]:
         with pytest.raises(ValueError, match=msg):
             seg.segment_volume(**kw)
+    padded = np.concatenate([np.full((1, 20, 20), np.nan), vol.astype(np.float32)])  # a NaN padding plane
+    assert NormalizedVolume(padded)[0].max() == 0.0 and np.array_equal(NormalizedVolume(padded)[2], nv[1])
+    res = seg.segment_volume(padded, text="x", min_score=0.0)
+    assert res.labels.shape == padded.shape and not res.labels[0].any()
     multi = np.random.default_rng(0).random((3, 16, 16, 2))
     res = seg.segment_volume(multi, text="x", channel_axis=3, min_score=0.0)
     assert res.labels.shape == (3, 16, 16) and res.labels.dtype == np.uint32

@@ -40,8 +40,6 @@ def _channels_last(image: np.ndarray, channel_axis: int | None, channels: Sequen
     if min(arr.shape[:2]) < 2:
         raise ValueError(f"image is too small: {arr.shape[:2]}")
     arr = arr.astype(np.float32)
-    if np.isnan(arr).all():
-        raise ValueError("image is all NaN")
     if channels is not None:
         channels = list(channels)
         if not 1 <= len(channels) <= 3 or any(not 0 <= c < arr.shape[-1] for c in channels):
@@ -84,11 +82,14 @@ def normalize_image(
     with ``channel_axis`` given: ``channels`` picks up to 3 channels shown as R, G, B; without it
     all channels are merged (maximum over percentile-normalised channels). Intensities are
     percentile-normalised per channel, or with fixed per-channel ``limits`` (C, 2) (e.g. computed
-    once for a whole volume by :func:`channel_limits`). A constant image gives zeros (allowed);
-    an empty or all-NaN image raises ``ValueError``.
+    once for a whole volume by :func:`channel_limits`). A constant image gives zeros (allowed),
+    and so does an all-NaN one with ``limits`` (e.g. a volume's padding plane); an empty image,
+    or an all-NaN one without ``limits``, raises ``ValueError``.
     """
     arr = _channels_last(image, channel_axis, channels)
     if limits is None:
+        if np.isnan(arr).all():
+            raise ValueError("image is all NaN")
         limits = channel_limits(arr, percentiles)
     limits = np.asarray(limits, np.float64).reshape(-1, 2)
     if len(limits) != arr.shape[-1]:
