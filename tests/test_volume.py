@@ -145,3 +145,16 @@ def test_linker_keeps_an_id_across_a_missed_slice_only_up_to_max_gap():
     assert ids[3][12, 12] not in (0, ids[0][12, 12])
     with pytest.raises(ValueError, match="max_gap"):
         ZLinker(max_gap=-1)
+
+
+def test_interior_point_counts_the_image_border_as_outside():
+    """A half-disc cut by the top border is clicked in its middle, not on the border row; the
+    volume's mask prompts use the same point."""
+    yy, xx = np.mgrid[:40, :40]
+    half = yy**2 + (xx - 20) ** 2 <= 15**2
+    x, y = interior_point(half)
+    assert 5 <= y <= 9 and abs(x - 20) <= 3  # the border-free maximum is at depth ~7.5 (was (20, 0))
+    assert mask_prompts(half)[0].tolist() == [[x, y]]
+    for bad in (np.zeros((5, 5), bool), np.ones((2, 5, 5), bool)):
+        with pytest.raises(ValueError, match="non-empty 2D mask"):
+            interior_point(bad)

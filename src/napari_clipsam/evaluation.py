@@ -63,8 +63,14 @@ def instance_f1(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) ->
 
 
 def interior_point(mask: np.ndarray) -> tuple[float, float]:
-    """The (x, y) pixel centre deepest inside ``mask`` (distance-transform maximum)."""
-    dist = ndimage.distance_transform_edt(np.asarray(mask, bool))
+    """The (x, y) pixel deepest inside a 2D ``mask``: the distance-transform maximum, with the
+    image border counted as outside (an object cut by the border is clicked in its middle, not
+    on the border). ValueError for an empty mask."""
+    mask = np.asarray(mask, bool)
+    if mask.ndim != 2 or not mask.any():
+        raise ValueError(f"interior_point needs a non-empty 2D mask, got shape {mask.shape} with "
+                         f"{int(mask.sum())} pixels set")
+    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
     y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
     return float(x), float(y)
 

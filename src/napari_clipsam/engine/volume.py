@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
+from ..evaluation import interior_point
 from .instances import label_overlap
 from .preprocess import _channels_last, channel_limits, normalize_image
 
@@ -133,8 +134,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 def mask_prompts(mask: np.ndarray, grow: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     """A mask → (point (1, 2) at its deepest interior pixel as (x, y), box (x0, y0, x1, y1) grown
     by ``grow`` of its size on each side, clipped to the image)."""
-    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    x, y = interior_point(mask)
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     h, w = mask.shape
     gy, gx = grow * (rows[-1] + 1 - rows[0]), grow * (cols[-1] + 1 - cols[0])
