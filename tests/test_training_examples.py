@@ -64,6 +64,19 @@ def test_volume_slices_sampled_and_empty_down_weighted():
     assert len(full) == 4 and len(empty) == 2
     assert all(e.weight == 1.0 for e in full) and all(e.weight == pytest.approx(0.2) for e in empty)
     assert all(not e.labels.any() for e in empty) and all(e.labels.any() for e in full)
+    # slices are normalised as segment_volume normalises them: with the volume's limits
+    from napari_clipsam.engine.volume import NormalizedVolume
+
+    nv = NormalizedVolume(img)
+    for e in exs:
+        z = int(e.name.split("=")[1].rstrip("]"))
+        assert np.array_equal(e.normalized(), nv[z])
+    dim = img.astype(np.float32)
+    dim[3] *= 0.25  # a dim slice: dim with the volume's limits, not stretched to its own
+    nv = NormalizedVolume(dim)
+    one = examples_from_arrays(dim[3], lab[3], "nucleus", limits=nv.limits)[0]  # a slice given as 2D
+    assert np.array_equal(one.normalized(), nv[3]) and nv[3].max() < 0.5
+    assert examples_from_arrays(dim[3], lab[3], "nucleus")[0].normalized().max() == 1.0
     assert full[0].name.startswith("vol[z=")
     validate_examples(exs)
 

@@ -6,7 +6,8 @@ sharing the image. Volumes give one example per sampled Z slice; slices without 
 at a lower weight (they teach "nothing of this class here") unless none is wanted.
 
 Images are kept raw; :func:`napari_clipsam.engine.preprocess.normalize_image` is applied when
-training starts, exactly as at inference.
+training starts, exactly as at inference: a volume's slices with the volume's intensity limits
+(:func:`napari_clipsam.engine.volume.volume_limits`), as ``segment_volume`` normalises them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from ..engine.preprocess import normalize_image
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,9 @@ class TrainingExample:
     text prompt; weight: relative sampling/loss weight; name: how errors refer to it;
     allow_empty: labels may be all zero (a negative example, e.g. an empty volume slice);
     group: examples with the same group share an image (kept together by the validation split);
-    channel_axis: passed to ``normalize_image`` for multichannel images.
+    channel_axis: passed to ``normalize_image`` for multichannel images; limits: (C, 2)
+    intensity limits to normalise with (a volume slice's: the volume's, as at inference), None
+    for the image's own percentiles.
     """
 
     image: np.ndarray
@@ -42,6 +47,7 @@ class TrainingExample:
     allow_empty: bool = False
     group: str = ""
     channel_axis: int | None = None
+    limits: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
 
     def describe(self, index: int | None = None) -> str:
@@ -68,7 +74,7 @@ class TrainingExample:
                              "use examples_from_arrays for volumes, or pass channel_axis for multichannel images")
         if lab.dtype == bool or not np.issubdtype(lab.dtype, np.integer):
             fix = ("a mask, not instance labels: give each object its own id, e.g. scipy.ndimage.label(mask)[0]"
-                   if lab.dtype == bool else "convert with labels.astype(np.uint32) if they are ids")
+                   if lab.dtype == bool else "float labels are not accepted: convert with labels.astype(np.uint32) if they are ids")
             raise ValueError(f"{who}: labels must be an integer instance label image, got dtype {lab.dtype} ({fix})")
         if lab.shape != tuple(spatial):
             raise ValueError(f"{who}: labels shape {lab.shape} does not match the image shape {tuple(spatial)}")
@@ -80,6 +86,10 @@ class TrainingExample:
             raise ValueError(f"{who}: labels are all zero: paint at least one object of {self.text!r}")
         if not np.isfinite(self.weight) or self.weight < 0:
             raise ValueError(f"{who}: weight must be a finite number >= 0, got {self.weight}")
+
+    def normalized(self) -> np.ndarray:
+        """The image as the model sees it: (H, W, 3) float32 in [0, 1], normalised as at inference."""
+        return normalize_image(self.image, channel_axis=self.channel_axis, limits=self.limits)
 
     @property
     def num_instances(self) -> int:
@@ -137,6 +147,7 @@ def examples_from_arrays(
     seed: int = 0,
     channel_axis: int | None = None,
     group: str | None = None,
+    limits: np.ndarray | None = None,
 ) -> list[TrainingExample]:
     """Examples from a 2D image or a 3D (Z, Y, X) volume and one or more label images.
 
@@ -155,11 +166,15 @@ def examples_from_arrays(
         twice (e.g. once per class) is one group, and different images are different groups
         even under the same name (the default ``"image"``, or files named alike in different
         folders). A volume's slices are groups of their own (``group[z=…]``).
+    limits : (C, 2) intensity limits to normalise a 2D image with, e.g. the volume's for a slice
+        taken from one (:func:`~napari_clipsam.engine.volume.volume_limits`); default: its own
+        percentiles. A volume's slices always use the volume's limits (computed here).
 
     Raises ``ValueError`` naming the image/class when shapes or dtypes do not fit.
     """
     img = np.asarray(image)
     group = f"{name}#{_pixel_digest(img)}" if group is None else str(group)
+    vol_limits = None
     out: list[TrainingExample] = []
     for t, lab in _label_sets(labels, text):
         lab = np.asarray(lab)
@@ -169,12 +184,17 @@ def examples_from_arrays(
         if lab.ndim == 3 and not is_volume:
             raise ValueError(f"example ({who}): labels are 3D {lab.shape} but the image is {img.shape}")
         if not is_volume:
-            ex = TrainingExample(img, lab, t, weight=weight, name=name, group=group, channel_axis=channel_axis)
+            ex = TrainingExample(img, lab, t, weight=weight, name=name, group=group, channel_axis=channel_axis,
+                                 limits=limits)
             ex.validate()
             out.append(ex)
             continue
         if lab.shape != img.shape:
             raise ValueError(f"example ({who}): labels shape {lab.shape} does not match the volume shape {img.shape}")
+        if vol_limits is None:
+            from ..engine.volume import volume_limits
+
+            vol_limits = volume_limits(img)
         if lab.dtype == bool or not np.issubdtype(lab.dtype, np.integer):
             raise ValueError(f"example ({who}): labels must be integer instance labels, got dtype {lab.dtype}")
         filled = [z for z in range(lab.shape[0]) if lab[z].any()]
@@ -190,7 +210,8 @@ def examples_from_arrays(
         for z in sorted(filled + picked_empty):
             has = z in filled
             ex = TrainingExample(img[z], lab[z], t, weight=weight * (1.0 if has else empty_slice_weight),
-                                 name=f"{name}[z={z}]", allow_empty=not has, group=f"{group}[z={z}]")
+                                 name=f"{name}[z={z}]", allow_empty=not has, group=f"{group}[z={z}]",
+                                 limits=vol_limits)
             ex.validate()
             out.append(ex)
     return out

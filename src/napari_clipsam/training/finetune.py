@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..engine.preprocess import Frame, normalize_image, postprocess_logits, to_model_input
+from ..engine.preprocess import Frame, postprocess_logits, to_model_input
 from ..engine.text_instances import view_labels
 from ..evaluation import f1_score, match_instances
 from ..models.clipsam import ClipSam, ImageFeatures, Prompts
@@ -290,7 +290,7 @@ def split_examples(examples: list[TrainingExample], val_fraction: float, rng: np
     for i, ex in enumerate(examples):
         key = id(ex.image)
         if key not in norm_cache:
-            norm_cache[key] = normalize_image(ex.image, channel_axis=ex.channel_axis)
+            norm_cache[key] = ex.normalized()
         items.append((i, norm_cache[key], np.asarray(ex.labels), ex.text, float(ex.weight)))
     groups: dict[str, list[int]] = {}
     for i, ex in enumerate(examples):
@@ -504,7 +504,7 @@ def evaluate(model: ClipSam, examples: Sequence[TrainingExample], mode: str = "b
     """Validation measures of ``model`` on ``examples`` (see :func:`evaluate_views`; no augmentation,
     large images cropped to the model size)."""
     examples = validate_examples(examples)
-    items = [(i, normalize_image(ex.image, channel_axis=ex.channel_axis), np.asarray(ex.labels), ex.text, ex.weight)
+    items = [(i, ex.normalized(), np.asarray(ex.labels), ex.text, ex.weight)
              for i, ex in enumerate(examples) if np.asarray(ex.labels).any()]
     views = build_views(model, items, FineTuneConfig(augment=False), np.random.default_rng(0), train=False)
     return evaluate_views(model, views, mode, use_cache=False, max_instances=max_instances)
