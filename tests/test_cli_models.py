@@ -69,7 +69,7 @@ def test_models_download_offline_fails_with_one_clear_message(_isolated_cache, e
     assert err.startswith("napari-clipsam: error: could not download model 'vit_b'")
     target = _isolated_cache / "sam" / "sam_vit_b_01ec64.pth"
     assert f"save it as {target}" in err and "sam_vit_b_01ec64.pth" in err
-    url = ("http://127.0.0.1:9/sam_vit_b_01ec64.pth" if "NAPARI_CLIPSAM_MIRROR" in env
+    url = ("http://127.0.0.1:9/sam/sam_vit_b_01ec64.pth" if "NAPARI_CLIPSAM_MIRROR" in env
            else "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth")
     assert url in err
     assert not target.exists()

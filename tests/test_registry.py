@@ -136,7 +136,7 @@ def test_offline_download_error_names_url_file_and_path(monkeypatch):
     with pytest.raises(ModelDownloadError) as info:
         fetch("vit_b")
     msg = str(info.value)
-    assert "http://127.0.0.1:9/sam_vit_b_01ec64.pth" in msg
+    assert "http://127.0.0.1:9/sam/sam_vit_b_01ec64.pth" in msg
     assert str(target) in msg and "sam_vit_b_01ec64.pth" in msg
     assert info.value.__cause__ is None  # one clear error, no chained traceback
     assert isinstance(info.value, OSError) and not target.exists()
@@ -145,6 +145,19 @@ def test_offline_download_error_names_url_file_and_path(monkeypatch):
     monkeypatch.setenv(registry.OFFLINE_ENV, "1")
     with pytest.raises(ModelDownloadError, match="dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"):
         fetch("vit_b")
+
+
+def test_mirror_is_laid_out_like_the_cache_so_same_named_files_stay_apart(monkeypatch, http_server):
+    """The CLIP entries share the file name open_clip_pytorch_model.bin: each is fetched from its
+    own place in the mirror (a flat mirror gave every CLIP model the same file)."""
+    root, base = http_server
+    monkeypatch.setenv(registry.MIRROR_ENV, base)
+    for name in ("clip_vit_b16_openai", "clip_vit_b16_laion2b"):
+        where = root / registry.model_path(name).relative_to(registry.cache_dir())
+        where.parent.mkdir(parents=True)
+        where.write_bytes(f"weights of {name}".encode())
+    for name in ("clip_vit_b16_openai", "clip_vit_b16_laion2b"):
+        assert fetch(name).read_bytes() == f"weights of {name}".encode()
 
 
 def test_corrupt_cached_file_is_removed_and_redownloaded(monkeypatch, tiny_sam_file, http_server):

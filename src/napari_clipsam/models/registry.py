@@ -240,9 +240,18 @@ def model_status(name: str) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _download_url(url: str, filename: str) -> str:
+def _download_url(url: str, target: Path) -> str:
+    """``url``, or with a mirror set, the file's place in the mirror: laid out like the cache folder
+    (``<mirror>/sam/sam_vit_b_01ec64.pth``, ``<mirror>/clip/<model>/open_clip_pytorch_model.bin``),
+    so a copy of a filled cache folder serves as one, and files of the same name stay apart."""
     mirror = os.environ.get(MIRROR_ENV)
-    return f"{mirror.rstrip('/')}/{filename}" if mirror else url
+    if not mirror:
+        return url
+    try:
+        where = target.relative_to(cache_dir()).as_posix()
+    except ValueError:
+        where = target.name
+    return f"{mirror.rstrip('/')}/{where}"
 
 
 def _offline() -> bool:
@@ -321,7 +330,7 @@ def _retrieve(name: str, url: str, target: Path, known_hash: str | None, progres
     """Download one file with pooch to ``target``; errors become our two exception types."""
     import pooch
 
-    url = _download_url(url, target.name)
+    url = _download_url(url, target)
     if _offline():
         raise _download_error(name, url, target, f"{OFFLINE_ENV} is set")
     target.parent.mkdir(parents=True, exist_ok=True)
