@@ -311,6 +311,15 @@ def test_infer_sam_config_for_every_known_architecture(arch):
     assert sam_arch_name(infer_sam_config(sd)) == arch
 
 
+def test_sam_file_missing_a_key_its_architecture_is_read_from_names_the_key(tiny_sam_file, tmp_path):
+    sam, _ = tiny_sam_file
+    key = "mask_decoder.iou_prediction_head.layers.0.weight"
+    path = tmp_path / "incomplete.pth"
+    torch.save({k: v for k, v in sam.state_dict().items() if k != key}, path)
+    with pytest.raises(CheckpointError, match=rf"incomplete or damaged SAM checkpoint.*'tiny'.*1 missing keys \({key}\)"):
+        load_sam_checkpoint(path)
+
+
 def test_non_sam_file_is_rejected(tmp_path):
     path = tmp_path / "linear.pth"
     torch.save(torch.nn.Linear(3, 4).state_dict(), path)

@@ -186,6 +186,26 @@ def _describe(config: SamConfig) -> str:
     return f"{name!r} ({shape})" if name else f"a custom SAM ({shape})"
 
 
+_SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+
+
+def _unreadable_sam(sd: Mapping[str, torch.Tensor], path: PathLike, what: str) -> CheckpointError:
+    """The error for a state dict whose SAM architecture cannot be read: where its keys are SAM's,
+    what it lacks against the closest known architecture (shapes only: built on the meta device)."""
+    if not any(k.startswith(_SAM_PARTS) for k in sd):
+        return CheckpointError(f"{what} {path} is not a SAM state dict (no image_encoder/prompt_encoder/mask_decoder "
+                               f"weights; first keys: {', '.join(list(sd)[:3])})")
+    problems = {}
+    for name in SAM_CONFIGS:
+        with torch.device("meta"):
+            expected = build_sam(name).state_dict()
+        n_bad = sum(k not in sd or tuple(sd[k].shape) != tuple(v.shape) for k, v in expected.items())
+        problems[name] = (n_bad + sum(k not in expected for k in sd), mismatch_summary(expected, sd))
+    closest = min(problems, key=lambda n: problems[n][0])
+    return CheckpointError(f"{what} {path} is an incomplete or damaged SAM checkpoint: against the closest "
+                           f"architecture, {closest!r}, it has {problems[closest][1]}")
+
+
 def load_sam_file(path: PathLike, arch: str | SamConfig | None = None, what: str = "SAM checkpoint"):
     """Load a SAM checkpoint file into segment-anything's ``Sam`` (eval mode, CPU).
 
@@ -202,10 +222,7 @@ def load_sam_file(path: PathLike, arch: str | SamConfig | None = None, what: str
         inferred = None
     if arch is None:
         if inferred is None:
-            raise CheckpointError(
-                f"{what} {path} is not a SAM state dict (no image_encoder/prompt_encoder/mask_decoder "
-                f"weights; first keys: {', '.join(list(sd)[:3])})"
-            )
+            raise _unreadable_sam(sd, path, what)
         known = sam_arch_name(inferred)
         config = SAM_CONFIGS[known] if known else inferred
     elif isinstance(arch, str):
