@@ -96,11 +96,27 @@ def test_save_load_identical_masks_and_errors(tmp_path):
 
     other_base = _model(seed=5)
     sd = _state(other_base)
-    with pytest.raises(AdapterMismatchError, match=r"trained on .* \(hash [0-9a-f]{12}.*current base is .*load it with --model"):
+    with pytest.raises(AdapterMismatchError, match=r"trained on a ClipSam on SAM tiny built in memory \(hash [0-9a-f]{12}.*"
+                       r"current base is .*load it onto the model it was trained on"):
         load_adapter(path, other_base)
     assert _same(sd, other_base.state_dict())
     with pytest.raises(AdapterMismatchError, match="strategy 'adapter'.*'ssp'"):
         load_adapter(path, _model("ssp"))
+    import dataclasses
+
+    torch.manual_seed(0)
+    other_texts = ClipSam(dataclasses.replace(m.config, templates=("a photo of {}",)))
+    with pytest.raises(AdapterMismatchError, match="templates .* its texts would be read differently"):
+        load_adapter(path, other_texts)
+    # bases saved as files are named by their file, and the hint is a --model that loads it
+    fresh.save(tmp_path / "base_a.safetensors")
+    other_base.save(tmp_path / "base_b.safetensors")
+    a = ClipSam.load(tmp_path / "base_a.safetensors")
+    finetune(a, _examples(), FineTuneConfig(steps=1, seed=1, patience=0, autocast=False))
+    on_a = save_adapter(tmp_path / "on_a.safetensors", a)
+    with pytest.raises(AdapterMismatchError, match="trained on base_a.safetensors .*current base is base_b.safetensors"
+                                                   ".*load it with --model base_a.safetensors"):
+        load_adapter(on_a, ClipSam.load(tmp_path / "base_b.safetensors"))
 
     data = path.read_bytes()
     (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])

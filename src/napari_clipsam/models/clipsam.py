@@ -180,6 +180,8 @@ class ClipSam(nn.Module):
         adapted = self.conditioning.adapted_blocks
         self.prefix_blocks = min(adapted) + 1 if adapted else config.sam.encoder_depth
         self.file_metadata: dict = {}
+        #: The file this model was loaded from (set by :meth:`load`; "" when built in memory).
+        self.source: str = ""
         self.eval()
 
     # ---- helpers ------------------------------------------------------------------------------
@@ -489,6 +491,7 @@ class ClipSam(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{path} does not match its own config: missing {missing[:5]}, unexpected {unexpected[:5]}")
         model.file_metadata = json.loads(meta.get("metadata", "{}"))
+        model.source = str(path)
         return model.to(map_location).eval()
 
     def freeze_base(self) -> None:

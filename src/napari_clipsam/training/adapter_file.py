@@ -80,17 +80,27 @@ def base_fingerprint(model: ClipSam) -> str:
 
 
 def base_name(model: ClipSam) -> str:
-    """A human name for the base: the model file's ``name`` metadata, else the SAM architecture."""
+    """A human name for the base: the model file's ``name`` metadata (a registered model such
+    as ``demo``), else the name of the file it was loaded from, else its SAM architecture (a
+    model built in memory, e.g. by ``build_clipsam``)."""
     name = (model.file_metadata or {}).get("name")
     if name:
         return str(name)
-    try:
-        from ..models.checkpoints import sam_arch_name
+    if getattr(model, "source", ""):
+        return Path(model.source).name
+    from ..models.checkpoints import sam_arch_name
 
-        arch = sam_arch_name(model.config.sam)
-    except Exception:  # pragma: no cover - optional helper
-        arch = None
-    return f"sam {arch}" if arch else "custom sam"
+    arch = sam_arch_name(model.config.sam)
+    return f"a ClipSam on SAM {arch or 'of a custom shape'} built in memory"
+
+
+def _load_hint(want_name: str) -> str:
+    """How to get the base an adapter was trained on, from the name its file records."""
+    from ..models.registry import MODELS
+
+    if want_name in MODELS or want_name.endswith(".safetensors"):
+        return f"load it with --model {want_name}"
+    return f"load it onto the model it was trained on ({want_name}), saved with ClipSam.save to reuse it"
 
 
 def _clip_name(model: ClipSam) -> str:
@@ -227,17 +237,24 @@ def check_compatible(meta: dict, model: ClipSam, path: str | os.PathLike = "adap
         raise AdapterMismatchError(
             f"adapter {Path(path).name} was trained on {want_name} (hash {want_fp[:12]}…) with CLIP "
             f"{meta.get('clip', {}).get('name')}, current base is {have} with CLIP {_clip_name(model)}: "
-            f"load it with --model {want_name}")
+            f"{_load_hint(want_name)}")
     if meta.get("strategy") != model.config.strategy or meta.get("strategy_options", {}) != _j(model.config.strategy_options):
         raise AdapterMismatchError(
             f"adapter {Path(path).name} was trained for strategy {meta.get('strategy')!r} "
             f"{meta.get('strategy_options') or ''}, current model uses {model.config.strategy!r} "
             f"{model.config.strategy_options or ''}: load a base model built with that strategy")
+    trained = meta.get("model_config") or {}
+    for key in ("templates", "surgery"):  # how texts become CLIP features (not in the weights' hash)
+        have = _j(getattr(model.config, key))
+        if key in trained and trained[key] != have:
+            raise AdapterMismatchError(
+                f"adapter {Path(path).name} was trained on a model with {key} {trained[key]!r}, the current "
+                f"model has {have!r}: its texts would be read differently; load the base model it was trained on")
     have_fp = base_fingerprint(model)
     if have_fp != want_fp:
         raise AdapterMismatchError(
             f"adapter {Path(path).name} was trained on {want_name} (hash {want_fp[:12]}…), current base is "
-            f"{base_name(model)} (hash {have_fp[:12]}…): load it with --model {want_name}")
+            f"{base_name(model)} (hash {have_fp[:12]}…): {_load_hint(want_name)}")
 
 
 def remove_adapter(model: ClipSam) -> None:
