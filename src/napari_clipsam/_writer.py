@@ -7,7 +7,11 @@ plugin records in ``metadata["classes"]`` are lost. This writer keeps both:
 - the smallest unsigned dtype holding the ids, zlib-compressed;
 - the scale as TIFF resolution (y, x) and ``spacing`` (z), and, with the class map, in the JSON
   description (``tifffile.TiffFile(path).shaped_metadata[0]``);
-- the class map also as a sidecar ``<file>.classes.json`` any tool can read.
+- the class map also as a sidecar ``<file>.classes.json`` any tool can read (a sidecar left
+  by an earlier save of the same file is removed when the labels have no class map now).
+
+A name without .tif/.tiff gets ``.tif``; if that file exists, nothing is written (napari's
+dialog asked about the name as given, not that file).
 
 Files are written atomically (temp file + rename). napari is not imported.
 """
@@ -23,6 +27,11 @@ import numpy as np
 
 
 def _smallest_uint(data: np.ndarray) -> np.ndarray:
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
+    elif not np.issubdtype(data.dtype, np.integer):
+        if not np.issubdtype(data.dtype, np.floating) or not np.array_equal(data, np.round(data)):
+            raise ValueError(f"labels of dtype {data.dtype} with non-integer values cannot be written as label ids")
     top = int(data.max()) if data.size else 0
     if int(data.min(initial=0)) < 0:
         raise ValueError("labels contain negative ids: cannot write them as an unsigned TIFF")
@@ -46,6 +55,8 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     p = Path(path)
     if p.suffix.lower() not in (".tif", ".tiff"):
         p = p.with_name(p.name + ".tif")
+        if p.exists():  # napari asked about overwriting the name given, not this one
+            raise FileExistsError(f"{p} exists: save as {p.name} explicitly to replace it, or choose another name")
     scale = meta.get("scale")
     scale = [float(s) for s in (scale if scale is not None else [1.0] * arr.ndim)]
     classes = {str(int(k)): str(v) for k, v in ((meta.get("metadata") or {}).get("classes") or {}).items()}
@@ -61,8 +72,10 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     finally:
         tmp.unlink(missing_ok=True)
     written = [str(p)]
-    if classes:
-        side = p.with_name(p.name + ".classes.json")
+    side = p.with_name(p.name + ".classes.json")
+    if not classes:
+        side.unlink(missing_ok=True)  # it described the labels this file held before
+    else:
         tmp = side.with_name(f".{side.name}.tmp")
         tmp.write_text(json.dumps({"classes": classes, "scale": scale}, indent=1))
         os.replace(tmp, side)
