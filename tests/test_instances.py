@@ -1,6 +1,7 @@
 """Instances container, mask NMS, painting into labels without overlaps, label overlap."""
 
 import numpy as np
+import pytest
 
 from napari_clipsam.engine.instances import Instances, consensus_nms, label_overlap, mask_nms, paint_labels
 
@@ -55,6 +56,8 @@ def test_label_overlap():
     np.testing.assert_allclose(iou[:, 0], [4 / 12, 4 / 12])
     _, _, contain = label_overlap(a, b, metric="min")
     np.testing.assert_allclose(contain[:, 0], [0.5, 0.5])
+    with pytest.raises(ValueError, match="same shape"):  # same pixel count, other shape: not comparable
+        label_overlap(a.reshape(2, 8), b)
 
 
 def test_consensus_keeps_the_objects_most_seeds_agree_on_not_their_union():

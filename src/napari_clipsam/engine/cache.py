@@ -72,9 +72,11 @@ class PartFingerprints:
     string mixed into its hash. Hashing all weights is linear in model size, so :meth:`values`
     rehashes a part only when its cheap signature changes: the tensors' names, identities,
     storage pointers, in-place version counters (bumped by optimiser steps, ``load_state_dict``
-    and in-place edits), shapes, dtypes and a strided sample of their values (which catches
-    edits through ``.data``). Equal weights give equal fingerprints across processes, so a disk
-    cache is shared by identical models.
+    and in-place edits), shapes, dtypes and a strided sample of 8 of their values. An in-place
+    edit through ``.data`` (or under ``no_grad`` on a detached view) bumps no version counter
+    and is caught only where it changes a sampled value: after such an edit call
+    ``Segmenter.model_changed()``. Equal weights give equal fingerprints across processes, so a
+    disk cache is shared by identical models.
     """
 
     def __init__(self, module: nn.Module, parts: Mapping[str, tuple[Callable[[str], bool], str]]):

@@ -277,8 +277,10 @@ def label_overlap(a: np.ndarray, b: np.ndarray, metric: str = "iou") -> tuple[np
 
     Returns (ids_a (n,), ids_b (m,), overlap (n, m)) over the non-zero ids present in each.
     """
-    a = np.asarray(a).ravel()
-    b = np.asarray(b).ravel()
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"label images must have the same shape to be compared, got {a.shape} and {b.shape}")
+    a, b = a.ravel(), b.ravel()
     ids_a, inv_a = np.unique(a, return_inverse=True)
     ids_b, inv_b = np.unique(b, return_inverse=True)
     table = np.bincount(inv_a * len(ids_b) + inv_b, minlength=len(ids_a) * len(ids_b)).reshape(len(ids_a), len(ids_b))
