@@ -146,7 +146,7 @@ def test_train_cancel_save_load(make_napari_viewer, qtbot, tmp_path):
     other.deleteLater()
 
 
-def test_volume_slice_example_and_errors(make_napari_viewer, qtbot):
+def test_volume_slice_example_and_errors(make_napari_viewer, qtbot, tmp_path):
     from napari.utils.notifications import NotificationSeverity, notification_manager
 
     viewer = make_napari_viewer()
@@ -156,11 +156,16 @@ def test_volume_slice_example_and_errors(make_napari_viewer, qtbot):
     panel.image_combo.setCurrentText(image.name)
     panel.labels_combo.setCurrentText(labels.name)
     panel.text_edit.setText("nucleus")
+    panel.folder_edit.setText(str(tmp_path / "examples"))
     nuc = [i for i, c in labels.metadata["classes"].items() if c == "nucleus"]
     z = int(np.flatnonzero(np.isin(labels.data, nuc).any((1, 2)))[0])
     viewer.dims.set_current_step(0, z)
     ex = panel.add_example()
     assert ex.z == z and ex.image.shape == image.data.shape[1:]
+    from napari_clipsam.engine.volume import NormalizedVolume
+
+    # the slice trains on what segmenting the volume feeds the model: the volume's intensity limits
+    assert np.array_equal(ex.training_examples()[0].normalized(), NormalizedVolume(image.data)[z])
     panel.scope_combo.setCurrentIndex(1)
     ex3 = panel.add_example()
     assert ex3.z is None and ex3.labels.ndim == 3 and len(ex3.training_examples()) > 1
@@ -174,6 +179,11 @@ def test_volume_slice_example_and_errors(make_napari_viewer, qtbot):
         errors = [n.message for n in notification_manager.records if n.severity == NotificationSeverity.ERROR]
         assert "labels are all zero" in errors[-1]
     assert len(panel.examples) == 2
+    from napari_clipsam.widgets.finetune_widget import FineTuneWidget
+
+    reopened = FineTuneWidget(viewer)  # the limits are saved with the slice
+    assert reopened.open_folder(tmp_path / "examples") == 2
+    assert np.array_equal(reopened.examples[0].limits, ex.limits) and reopened.examples[1].limits is None
 
 
 def test_adapter_description_reads_old_and_new_validation_keys():
@@ -185,3 +195,58 @@ def test_adapter_description_reads_old_and_new_validation_keys():
                 "summary": {"start_metrics": {key: 0.5}, "best_metrics": {key: 0.625}}}
         assert "validation score: 0.5 → 0.625" in FineTuneWidget._describe(meta)
     assert "validation" not in FineTuneWidget._describe({"texts": ["nucleus"], "mode": "text"})
+
+
+def test_typed_examples_folder_keeps_the_examples_already_there(make_napari_viewer, tmp_path):
+    """A folder typed (not opened) in a new session: adding an example keeps the earlier ones indexed."""
+    import json
+
+    from napari_clipsam.widgets.finetune_widget import INDEX, FineTuneWidget
+
+    viewer = make_napari_viewer()
+    _add(viewer, sample_2d())
+    folder = tmp_path / "examples"
+
+    def panel(text: str) -> FineTuneWidget:
+        p = FineTuneWidget(viewer)
+        p.folder_edit.setText(str(folder))
+        p.text_edit.setText(text)
+        return p
+
+    def indexed() -> list[str]:
+        return [e["text"] for e in json.loads((folder / INDEX).read_text())["examples"]]
+
+    first = panel("nucleus")
+    first.add_example()
+    first.text_edit.setText("mitochondrion")
+    first.add_example()
+    second = panel("vesicle")  # a later session: the folder typed, Open not pressed
+    second.add_example()
+    assert indexed() == ["nucleus", "mitochondrion", "vesicle"]
+    assert FineTuneWidget(viewer).open_folder(folder) == 3
+    second.remove_example(0)  # removing its own example keeps the others
+    assert indexed() == ["nucleus", "mitochondrion"]
+    assert not (folder / "002_image.tif").exists()
+
+
+def test_save_adapter_replaces_only_the_file_chosen(make_napari_viewer, qtbot, tmp_path):
+    """A name typed without .safetensors gets the suffix added, never replacing another file silently."""
+    from napari_clipsam.training import examples_from_arrays, finetune
+
+    torch.manual_seed(0)
+    model = ClipSam(tiny_config())
+    (img, _, _), (lab, _, _) = sample_2d()
+    finetune(model, examples_from_arrays(img, lab, "nucleus"),
+             FineTuneConfig(steps=1, patience=0, autocast=False, lora_rank=2, augment_pool=1))
+    viewer = make_napari_viewer()
+    _, panel = _panels(viewer, qtbot, model)
+    existing = tmp_path / "cells.safetensors"
+    existing.write_bytes(b"a colleague's adapter")
+
+    assert panel.save_adapter(tmp_path / "cells") is None  # what the dialog returns when "cells" is typed
+    assert existing.read_bytes() == b"a colleague's adapter"
+    out = panel.save_adapter(tmp_path / "cells.v2")
+    assert out == tmp_path / "cells.v2.safetensors" and out.is_file()
+    assert existing.read_bytes() == b"a colleague's adapter"
+    assert panel.save_adapter(existing) == existing  # the file itself chosen (the dialog asked): replaced
+    assert existing.read_bytes() != b"a colleague's adapter"

@@ -336,3 +336,99 @@ def test_large_image_embeds_the_tiles_on_screen_first(make_napari_viewer, qtbot)
     assert sorted(order[: len(visible)]) == sorted(visible)  # the part on screen first
     assert sorted(set(order)) == sorted(t.window for t in seg.tiles)  # then every other tile
     assert len(encoder) == len(seg.tiles)  # each embedded once
+
+
+def test_segment_all_never_overflows_a_narrow_target(make_napari_viewer, qtbot):
+    """Segment all into a uint8 layer whose ids would pass 255: refused before writing, layer untouched."""
+    from types import SimpleNamespace
+
+    import torch
+
+    torch.manual_seed(0)
+    viewer = make_napari_viewer()
+    image, _ = _add(viewer, sample_2d())
+    seg = Segmenter(ClipSam(tiny_config()), tile_size=0)
+    found = np.zeros(image.data.shape, np.uint32)  # what the engine "finds": 3 objects off row 0
+    for k in range(1, 4):
+        found[20 * k : 20 * k + 10, 20:30] = k
+    seg.segment_text = lambda text, seeds, progress: SimpleNamespace(labels=found)
+    widget = _panel(viewer, qtbot, seg)
+    widget.confirm = lambda message: True
+    widget.text_combo.setCurrentText("nucleus")
+
+    user = np.zeros(image.data.shape, np.uint8)
+    user[0, 1:255] = np.arange(1, 255)  # the user's ids 1..254
+    full = viewer.add_labels(user.copy(), name="my annotations", metadata={"classes": {1: "cell"}})
+    widget.target_combo.setCurrentText(full.name)
+    widget.segment_all()
+    _wait(qtbot, widget)
+    assert full.data.dtype == np.uint8 and np.array_equal(full.data, user)  # nothing wrapped, nothing merged
+    assert full.metadata["classes"] == {1: "cell"}
+    assert "cannot hold the new ids" in _errors()[-1] and "new labels layer" in _errors()[-1]
+
+    room = viewer.add_labels(np.where(user <= 10, user, 0).astype(np.uint8), name="roomy")
+    widget.target_combo.setCurrentText(room.name)
+    widget.segment_all()
+    _wait(qtbot, widget)
+    assert set(np.unique(room.data[found > 0])) == {11, 12, 13}
+    assert room.metadata["classes"] == {11: "nucleus", 12: "nucleus", 13: "nucleus"}
+
+
+def test_adding_a_layer_keeps_the_chosen_image_and_its_preview(make_napari_viewer, qtbot):
+    """With the second of two images chosen, a new layer (prompts, preview, target) is not an image change."""
+    import torch
+
+    torch.manual_seed(0)
+    viewer = make_napari_viewer()
+    (img, _, _), _ = sample_2d()
+    viewer.add_image(img, name="first")
+    viewer.add_image(img.copy(), name="second")
+    widget = _panel(viewer, qtbot, Segmenter(ClipSam(tiny_config()), tile_size=0))
+    widget.image_combo.setCurrentText("second")
+    _wait(qtbot, widget)
+    changes = []
+    widget.image_combo.currentIndexChanged.connect(changes.append)
+    mask = np.zeros(img.shape, bool)
+    mask[40:60, 50:70] = True
+    widget.preview = mask
+    widget.ensure_prompt_layers()
+    viewer.add_labels(np.zeros(img.shape, np.uint8), name="other")
+    assert changes == [] and widget.image_combo.currentText() == "second"
+    assert widget.preview is mask
+
+    widget.target_combo.setCurrentText("new labels layer")  # creating the target keeps the preview too
+    assert widget.commit() == 1
+    assert np.array_equal(viewer.layers["second annotations"].data == 1, mask)
+
+    n = len(viewer.layers)  # no preview: a message, no empty layer
+    widget.target_combo.setCurrentText("new labels layer")
+    assert widget.commit() is None and len(viewer.layers) == n
+
+    viewer.layers.remove("second")  # the chosen image itself goes: that is a change
+    assert changes and widget.image_combo.currentText() == "first"
+
+
+@needs_demo
+def test_segment_all_on_a_dask_channel_first_volume(make_napari_viewer, qtbot, demo_model):
+    """A dask (C, Z, Y, X) layer with channel axis 0 segments lazily, like the same data in memory."""
+    import dask.array as da
+
+    (vol, _, _), _ = sample_3d()
+    mid = len(vol) // 2
+    czyx = np.stack([vol[mid : mid + 2], vol[mid : mid + 2] // 2])
+    viewer = make_napari_viewer()
+    viewer.add_image(czyx, name="eager")
+    viewer.add_image(da.from_array(czyx, chunks=(2, 1, *vol.shape[1:])), name="lazy")
+    widget = _panel(viewer, qtbot, Segmenter(demo_model))
+    widget.channel_spin.setValue(0)
+    widget.channels_edit.setText("0")  # the nuclear channel, shown as gray (what the demo model knows)
+    widget.text_combo.setCurrentText("nucleus")
+    widget.target_combo.setCurrentText("new labels layer")
+    for name in ("eager", "lazy"):
+        widget.image_combo.setCurrentText(name)
+        _wait(qtbot, widget)
+        widget.segment_all()
+        _wait(qtbot, widget)
+    lazy, eager = viewer.layers["nucleus (lazy)"].data, viewer.layers["nucleus (eager)"].data
+    assert not isinstance(lazy, np.ndarray) and lazy.shape == czyx.shape[1:]
+    assert eager.max() > 0 and np.array_equal(np.asarray(lazy), eager)

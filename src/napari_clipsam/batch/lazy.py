@@ -106,6 +106,9 @@ def segment_lazy(data: Any, text: str, *, segmenter=None, model: str | os.PathLi
             progress(1, 1, "segment")
         return LazyResult(labels_out, dict(scores))
 
+    if channel_axis is not None and channel_axis % len(shape) == 0:  # (C, Z, Y, X): channels last, lazily
+        arr, channel_axis = _lazy_channels_last(arr), -1
+        shape = tuple(int(s) for s in arr.shape)
     ca = _slice_axis(channel_axis, len(shape))
     nz = shape[0]
     limits = volume_limits(arr, ca, channels)
@@ -165,6 +168,15 @@ def segment_lazy(data: Any, text: str, *, segmenter=None, model: str | os.PathLi
 
 _OPTIONS = ("segmenter", "model", "adapter", "volume", "channel_axis", "channels", "out", "overwrite", "scheduler",
             "n_workers", "threshold", "min_area", "min_score", "seeds", "link_overlap", "progress", "should_stop")
+
+
+def _lazy_channels_last(arr) -> Any:
+    """A lazy (C, Z, Y, X) array as a lazy (Z, Y, X, C) dask array (nothing is read here)."""
+    import dask.array as da
+
+    if not _is_dask(arr):
+        arr = da.from_array(arr, chunks=getattr(arr, "chunks", None) or "auto")
+    return da.moveaxis(arr, 0, -1)
 
 
 def _is_dask(arr) -> bool:

@@ -262,6 +262,8 @@ class LayerCombo(QComboBox):
         self.layer_type = layer_type
         self.extra = extra
         self.exclude = exclude
+        self._chosen: Any = None  # what the last currentIndexChanged announced (see _selection)
+        self.currentIndexChanged.connect(self._remember)
         for ev in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.reordered):
             ev.connect(self.refresh)
         self.refresh()
@@ -273,20 +275,33 @@ class LayerCombo(QComboBox):
         return [lay for lay in self.viewer.layers
                 if isinstance(lay, cls) and not (self.exclude is not None and self.exclude(lay))]
 
+    def _selection(self) -> Any:
+        """The selected layer object, an ``extra`` entry's name, or None (empty)."""
+        name = self.currentText()
+        if not name or name in self.extra:
+            return name or None
+        return self.value()
+
+    def _remember(self, *_) -> None:
+        self._chosen = self._selection()
+
     def refresh(self, event=None) -> None:
+        """Relist the layers, keeping the selection; ``currentIndexChanged`` fires only when the
+        selected layer itself changed (it was removed), not when its row moved."""
         if not alive(self):
             return
         current = self.currentText()
         self.blockSignals(True)
-        self.clear()
-        self.addItems(list(self.extra) + [lay.name for lay in self._layers()])
-        i = self.findText(current)
-        self.blockSignals(False)
-        if i >= 0:
-            self.setCurrentIndex(i)
-        elif self.count():
-            self.setCurrentIndex(0)
-            self.currentIndexChanged.emit(0)
+        try:
+            self.clear()
+            self.addItems(list(self.extra) + [lay.name for lay in self._layers()])
+            i = self.findText(current)
+            self.setCurrentIndex(i if i >= 0 else 0)
+        finally:
+            self.blockSignals(False)
+        now = self._selection()
+        if not (now is self._chosen or (isinstance(now, str) and now == self._chosen)):
+            self.currentIndexChanged.emit(self.currentIndex())
 
     def value(self):
         """The selected layer, or None (an ``extra`` entry or nothing)."""

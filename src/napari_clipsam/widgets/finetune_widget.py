@@ -41,7 +41,9 @@ SCOPES = ("current slice", "whole image / volume")
 
 @dataclass
 class Example:
-    """One added example: a 2D image (or a volume with ``scope`` whole) + labels of one class."""
+    """One added example: a 2D image (or a volume with ``scope`` whole) + labels of one class.
+    A slice of a volume keeps the volume's intensity ``limits`` (C, 2): it is normalised as
+    segmenting the volume normalises it."""
 
     name: str
     text: str
@@ -49,11 +51,12 @@ class Example:
     labels: np.ndarray
     z: int | None = None
     files: tuple[str, str] | None = None
+    limits: np.ndarray | None = None
 
     def training_examples(self) -> list:
         from ..training.examples import examples_from_arrays
 
-        return examples_from_arrays(self.image, self.labels, self.text, name=self.name)
+        return examples_from_arrays(self.image, self.labels, self.text, name=self.name, limits=self.limits)
 
     def describe(self) -> str:
         n = len(np.unique(self.labels[self.labels > 0]))
@@ -274,11 +277,14 @@ class FineTuneWidget(QWidget):
             spatial = img.shape[:-1] if image.rgb else img.shape
             if tuple(lab.shape) != tuple(spatial):
                 raise ValueError(f"labels {labels.name!r} {lab.shape} do not match image {image.name!r} {spatial}")
-            z = None
+            z, limits = None, None
             if lab.ndim == 3 and self.scope_combo.currentText() == SCOPES[0]:
+                from ..engine.volume import volume_limits
+
                 z = current_z(self.viewer, labels)
+                limits = volume_limits(img)
                 img, lab = img[z], lab[z]
-            ex = Example(image.name, text, np.array(img), np.array(lab, np.uint32), z)
+            ex = Example(image.name, text, np.array(img), np.array(lab, np.uint32), z, limits=limits)
             ex.training_examples()  # validates (clear message for empty labels, bad shapes)
         except ValueError as err:
             show_error(str(err))
@@ -297,9 +303,12 @@ class FineTuneWidget(QWidget):
         ex = self.examples.pop(index)
         folder = self.folder()
         if folder is not None and ex.files:
-            for f in ex.files:
-                (folder / f).unlink(missing_ok=True)
-            self._write_index(folder)
+            try:
+                for f in ex.files:
+                    (folder / f).unlink(missing_ok=True)
+                self._write_index(folder)
+            except OSError as err:
+                show_error(f"could not update the examples in {folder}: {err}")
         self._refresh_list()
 
     def _refresh_list(self) -> None:
@@ -313,11 +322,35 @@ class FineTuneWidget(QWidget):
         return Path(text).expanduser() if text else None
 
     def _write_index(self, folder: Path) -> None:
-        entries = [{"name": ex.name, "text": ex.text, "z": ex.z, "image": ex.files[0], "labels": ex.files[1]}
+        """Write ``examples.json``: the entries already there whose files still exist (another session's,
+        even if this panel never opened the folder), then this panel's examples."""
+        entries = [{"name": ex.name, "text": ex.text, "z": ex.z, "image": ex.files[0], "labels": ex.files[1],
+                    **({} if ex.limits is None else {"limits": np.asarray(ex.limits).tolist()})}
                    for ex in self.examples if ex.files]
+        mine = {(e["image"], e["labels"]) for e in entries}
+        kept = [e for e in self._read_index(folder)
+                if (e.get("image"), e.get("labels")) not in mine
+                and all(isinstance(e.get(k), str) and (folder / e[k]).is_file() for k in ("image", "labels"))]
+        entries = kept + entries
         tmp = folder / f".{INDEX}.tmp"
         tmp.write_text(json.dumps({"format": "napari-clipsam/examples", "version": 1, "examples": entries}, indent=1))
         os.replace(tmp, folder / INDEX)
+
+    @staticmethod
+    def _read_index(folder: Path) -> list[dict]:
+        """The entries of ``folder``'s ``examples.json`` ([] without one); OSError if it cannot be read
+        (so that it is never overwritten by a shorter list)."""
+        path = folder / INDEX
+        if not path.is_file():
+            return []
+        try:
+            entries = json.loads(path.read_text()).get("examples", [])
+            if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+                raise ValueError("'examples' is not a list of entries")
+        except (ValueError, AttributeError) as err:
+            raise OSError(f"{path} is not a readable examples index ({err}): move it away or choose another "
+                          "folder") from None
+        return entries
 
     def _persist_new(self, ex: Example) -> None:
         folder = self.folder()
@@ -357,8 +390,9 @@ class FineTuneWidget(QWidget):
                 files = (e["image"], e["labels"])
                 if any(ex.files == files for ex in self.examples):
                     continue
+                limits = None if e.get("limits") is None else np.asarray(e["limits"], np.float64)
                 loaded.append(Example(e["name"], e["text"], tifffile.imread(folder / files[0]),
-                                      tifffile.imread(folder / files[1]).astype(np.uint32), e.get("z"), files))
+                                      tifffile.imread(folder / files[1]).astype(np.uint32), e.get("z"), files, limits))
         except (OSError, ValueError, KeyError) as err:
             show_error(f"could not read the examples in {folder}: {err}")
             return 0
@@ -461,11 +495,13 @@ class FineTuneWidget(QWidget):
 
         try:
             seg = self.session.require_segmenter()
-            path = Path(path)
-            if path.suffix != ".safetensors":
-                path = path.with_suffix(".safetensors")
+            chosen = Path(path)
+            path = chosen if chosen.suffix == ".safetensors" else chosen.with_name(chosen.name + ".safetensors")
+            if path != chosen and path.exists():  # the dialog asked about `chosen`, not about this file
+                raise FileExistsError(f"{path} exists and was not chosen: pick {path.name} itself to replace it, "
+                                      "or type another name")
             meta = {"examples": [ex.name for ex in self.examples], "source_model": self.session.model_source}
-            out = save_adapter(path, seg.model, metadata=meta, overwrite=True)  # the dialog asked already
+            out = save_adapter(path, seg.model, metadata=meta, overwrite=path == chosen)  # the dialog asked
         except (ValueError, RuntimeError, OSError) as err:
             show_error(str(err))
             return None

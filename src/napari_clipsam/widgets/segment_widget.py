@@ -622,12 +622,13 @@ class SegmentWidget(QWidget):
     def commit(self) -> int | None:
         """Write the preview into the target Labels layer as a new id (max + 1), only over background;
         goes through the layer's undo history. Returns the new id."""
+        preview = self.preview  # kept: creating the target layer must not change what is committed
         try:
             src = self.source()
-            if src is None or self.preview is None or not self.preview.any():
+            if src is None or preview is None or not preview.any():
                 show_info("nothing to commit: add prompts first")
                 return None
-            if self.preview.shape != spatial_shape(src.layer, src.channel_axis):
+            if preview.shape != spatial_shape(src.layer, src.channel_axis):
                 raise ValueError("the preview belongs to another image: update it first")
             target = self._target(src)
         except ValueError as err:
@@ -635,7 +636,7 @@ class SegmentWidget(QWidget):
             return None
         data = np.asarray(target.data)
         new_id = int(data.max()) + 1
-        idx = np.nonzero(self.preview & (data == 0))
+        idx = np.nonzero(preview & (data == 0))
         if not len(idx[0]):
             show_info("the preview lies entirely on existing labels: nothing committed")
             return None
@@ -733,6 +734,17 @@ class SegmentWidget(QWidget):
         free = (labels > 0) & (data == 0)
         offset = int(data.max())
         idx = np.nonzero(free)
+        if not len(idx[0]):
+            self.status.setText(f"segment all '{text}': no instance on background of {target.name!r}: nothing added")
+            return
+        top = offset + int(labels[idx].max())
+        if top > np.iinfo(target.data.dtype).max:
+            message = (f"target {target.name!r} ({target.data.dtype}, ids up to {offset}) cannot hold the new ids "
+                       f"(up to {top}): nothing was written. Choose '{NEW_LAYER}' as target, or convert the layer "
+                       f"to a wider type (e.g. layer.data = layer.data.astype('uint32')) and run Segment all again")
+            show_error(message)
+            self.status.setText(message)
+            return
         target.data_setitem(idx, (labels[idx].astype(np.int64) + offset).astype(target.data.dtype))
         classes = dict(target.metadata.get("classes", {}))
         classes.update({int(i) + offset: text for i in np.unique(labels[free])})
