@@ -285,3 +285,48 @@ def test_model_file_shipped_as_bytes_once_per_worker(tmp_path, seg):
     assert shipped != weights and shipped.parent.name == "napari-clipsam" and shipped.stem == digest
     assert any(k.startswith(digest) for k in worker.loaded_models())
     assert_same_instances(tifffile.imread(tmp_path / "out" / "s_labels.tif"), engine_labels(seg, im))
+
+
+# ---- audit regressions -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random ClipSam saved as a model file: fast to load on a worker."""
+    import torch
+
+    from napari_clipsam.models.clipsam import ClipSam, tiny_config
+
+    torch.manual_seed(0)
+    return ClipSam(tiny_config()).save(tmp_path_factory.mktemp("models") / "tiny.safetensors")
+
+
+def test_cli_scheduler_names_failed_files_even_when_quiet(tmp_path, tiny_model, capsys):
+    from napari_clipsam.cli import main
+
+    write_inputs(tmp_path / "in", {"good": make_image(80, 64, p_absent=0.0).image,
+                                   "nan": np.full((64, 64), np.nan, np.float32)})
+    argv = ["segment", str(tmp_path / "in"), "--text", TEXT, "-o", str(tmp_path / "out"), "--model", str(tiny_model),
+            "--scheduler", "threads", "--workers", "1", "-q"]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "napari-clipsam: error: " in err and "nan.tif: ValueError: image is all NaN" in err, err
+    assert "1 done, 0 skipped, 1 failed: " in err and err.strip().endswith("nan.tif"), err
+    assert (tmp_path / "out" / "good_labels.tif").exists()
+
+
+def test_cli_scheduler_rejects_fewer_than_one_worker(tmp_path, tiny_model, capsys):
+    from napari_clipsam.cli import main
+
+    write_inputs(tmp_path / "in", {"good": make_image(81, 64, p_absent=0.0).image})
+    assert main(["segment", str(tmp_path / "in"), "--text", TEXT, "-o", str(tmp_path / "out"), "--model",
+                 str(tiny_model), "--scheduler", "threads", "--workers", "0", "-q"]) == 1
+    assert "--workers 0: need at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_rgb_image_as_volume_fails_alone(tmp_path):
+    write_inputs(tmp_path / "in", {"rgb": np.zeros((32, 32, 3), np.uint8)})
+    report = segment_files(tmp_path / "in", tmp_path / "out", TEXT, volume=True, scheduler="threads", n_workers=1)
+    assert [r.status for r in report.results] == ["failed"]
+    assert "is RGB, not a volume" in report.failed[0].message
+    assert not (tmp_path / "out").exists()

@@ -294,3 +294,85 @@ def test_usage_errors_are_one_line_too(tmp_path):
     assert res.stderr.strip().splitlines() == [
         "napari-clipsam segment: error: the following arguments are required: INPUT "
         "(see napari-clipsam segment --help)"]
+
+
+# ---------------------------------------------------------------------------------------------- audit regressions
+def _corrupt_data(path: Path, image: np.ndarray) -> Path:
+    """A TIFF whose header reads but whose compressed pixel data does not decode."""
+    tifffile.imwrite(path, image, compression="zlib")
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\0" * count)
+    return path
+
+
+def test_one_bad_file_does_not_stop_the_batch(tmp_path, tiny_model, capsys):
+    """An all-NaN and a corrupt TIFF are reported by name; the other files are still segmented;
+    exit status 1 at the end. A --skip-existing rerun goes past them too."""
+    im = make_image(HELD_OUT + 50, size=64).image
+    _write(tmp_path / "in" / "a.tif", im)
+    _write(tmp_path / "in" / "b_nan.tif", np.full((64, 64), np.nan, np.float32))
+    _corrupt_data(tmp_path / "in" / "c_corrupt.tif", im)
+    _write(tmp_path / "in" / "d.tif", im)
+    out = tmp_path / "out"
+    argv = ["segment", str(tmp_path / "in"), "--text", "nucleus", "--model", str(tiny_model), "-o", str(out), "-q"]
+    assert cli.main(argv) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["a_labels.tif", "d_labels.tif"]
+    err = capsys.readouterr().err
+    assert "b_nan.tif: image is all NaN" in err and "cannot read" in err and "c_corrupt.tif" in err, err
+    summary = err.strip().splitlines()[-1]
+    assert "2 done, 0 skipped, 2 failed" in summary and "b_nan.tif" in summary and "c_corrupt.tif" in summary
+    assert cli.main(argv + ["--skip-existing"]) == 1
+    assert "0 done, 2 skipped, 2 failed" in capsys.readouterr().err
+
+
+def test_bad_device_is_one_line_before_the_model_loads(tmp_path, tiny_model, capsys, monkeypatch):
+    img = _write(tmp_path / "a.tif", make_image(HELD_OUT + 51, size=64).image)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    seg = ["segment", str(img), "--text", "nucleus", "--model", str(tiny_model), "-o", str(tmp_path / "o.tif")]
+    ft = ["finetune", "--images", str(img), "--labels", str(img), "--text", "nucleus", "--steps", "1",
+          "--model", str(tiny_model), "-o", str(tmp_path / "a.safetensors"), "-q"]
+    for argv, device, expect in [(seg, "bogus", "not a torch device"), (seg, "cuda", "no cuda device"),
+                                 (ft, "bogus", "not a torch device")]:
+        assert cli.main([*argv, "--device", device]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--device {device}:" in err and expect in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif"]
+
+
+def test_rgb_image_with_3d_is_rejected_not_read_as_slices(tmp_path, tiny_model, capsys):
+    rgb = tmp_path / "rgb.tif"
+    tifffile.imwrite(rgb, np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8), photometric="rgb")
+    base = ["segment", str(rgb), "--3d", "--text", "nucleus", "--model", str(tiny_model), "-q"]
+    assert cli.main([*base, "-o", str(tmp_path / "o.tif")]) == 1
+    err = capsys.readouterr().err
+    assert "is RGB, not a volume: drop --3d" in err, err
+    assert not (tmp_path / "o.tif").exists()
+    assert cli.main([*base, "--channel-axis", "2", "-o", str(tmp_path / "c.tif")]) == 0  # channels named: 2D
+    assert tifffile.imread(tmp_path / "c.tif").shape == (64, 64)
+
+
+def test_output_with_another_suffix_is_not_made_a_folder(tmp_path, tiny_model, capsys):
+    a = Path("x/a.tif")
+    with pytest.raises(cli.CliError, match=r"-o out.png: labels are written as TIFF.*-o out.png/"):
+        cli.plan_outputs([a], "out.png")
+    assert cli.plan_outputs([a], "res.v2/") == [Path("res.v2/a_labels.tif")]  # a trailing / asks for a folder
+    (tmp_path / "run.1").mkdir()
+    assert cli.plan_outputs([a], str(tmp_path / "run.1")) == [tmp_path / "run.1" / "a_labels.tif"]  # existing
+    img = _write(tmp_path / "a.tif", make_image(HELD_OUT + 52, size=64).image)
+    assert cli.main(["segment", str(img), "--text", "nucleus", "--model", str(tiny_model),
+                     "-o", str(tmp_path / "out.png")]) == 1
+    assert "labels are written as TIFF" in capsys.readouterr().err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_finetune_rejects_a_negative_lora_rank(tmp_path, tiny_model, capsys):
+    s = make_image(HELD_OUT + 53, size=64, counts={"nucleus": (1, 3)})
+    img, lab = _write(tmp_path / "img.tif", s.image), _write(tmp_path / "lab.tif", s.instance_labels("nucleus"))
+    out = tmp_path / "a.safetensors"
+    assert cli.main(["finetune", "--images", str(img), "--labels", str(lab), "--text", "nucleus", "--steps", "1",
+                     "--lora-rank", "-1", "--model", str(tiny_model), "-o", str(out), "-q"]) == 1
+    assert "--lora-rank -1: need 0 (no LoRA) or more" in capsys.readouterr().err
+    assert not out.exists()

@@ -252,3 +252,13 @@ def test_set_adapter_file_matches_finetuned_model(tmp_path, fp32):
     got = seg.predict_torch(points=[[20, 20]], text="nucleus")[0]
     assert not torch.equal(before, got)
     assert np.array_equal(got[0].numpy() > 0, want)
+
+
+def test_resolve_device_refuses_unknown_and_absent_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, msg in [("bogus", "not a torch device"), ("cuda", "no cuda device"), ("cuda:1", "no cuda device")]:
+        with pytest.raises(ValueError, match=msg):
+            resolve_device(name)
+        with pytest.raises(ValueError, match=msg):
+            Segmenter(_model(), device=name)
+    assert resolve_device("cpu") == torch.device("cpu")

@@ -19,8 +19,10 @@ import numpy as np
 
 from . import __version__
 from .batch import io as _io
-from .batch.io import LABELS_SUFFIX, TIFF_SUFFIXES
+from .batch.io import LABELS_SUFFIX, TIFF_SUFFIXES, looks_rgb
 from .engine.instances import MIN_SUPPORT, SEED_MODES, TEXT_THRESHOLD
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -125,7 +127,8 @@ def plan_outputs(inputs: Sequence[Path], out: str | None) -> list[Path]:
 
     No ``out``: ``<input stem>_labels.tif`` beside each input. ``out`` ending in .tif/.tiff: that
     file (one input only). Otherwise ``out`` is a folder (created) holding
-    ``<input stem>_labels.tif`` per input. Raises :class:`CliError` for clashes."""
+    ``<input stem>_labels.tif`` per input; a name with another suffix (``out.png``) must be an
+    existing folder or end in "/". Raises :class:`CliError` for clashes."""
     if out is not None and _is_tiff(Path(out)) and not Path(out).is_dir():
         if len(inputs) > 1:
             raise CliError(f"-o {out} names one file but there are {len(inputs)} inputs: give a folder instead")
@@ -134,6 +137,9 @@ def plan_outputs(inputs: Sequence[Path], out: str | None) -> list[Path]:
         folder = Path(out).expanduser() if out is not None else None
         if folder is not None and folder.exists() and not folder.is_dir():
             raise CliError(f"-o {folder} exists and is not a folder: give a folder or a .tif file name")
+        if folder is not None and folder.suffix and not folder.is_dir() and not out.endswith(("/", os.sep)):
+            raise CliError(f"-o {out}: labels are written as TIFF: give a .tif file (one input) or a folder "
+                           f"(for a new folder named {folder.name}, write -o {out}/)")
         outputs = [(folder or p.parent) / f"{p.stem}{LABELS_SUFFIX}.tif" for p in inputs]
     seen: dict[Path, Path] = {}
     for inp, o in zip(inputs, outputs):
@@ -299,14 +305,26 @@ def load_clipsam(model: str, adapter: str | None = None):
     return net
 
 
+def check_device(name: str | None):
+    """``--device`` as a ``torch.device`` (None: CUDA, then MPS, then CPU); :class:`CliError` for
+    a name torch does not know or a device this machine lacks, before any model loads."""
+    from .engine.segmenter import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ValueError as err:
+        raise CliError(f"--device {name}: {err}") from None
+
+
 def make_segmenter(args: argparse.Namespace):
+    device = check_device(args.device)
     model = load_clipsam(args.model, getattr(args, "adapter", None))
     from .engine.cache import EmbeddingCache
     from .engine.segmenter import Segmenter
 
     cache = EmbeddingCache(directory=Path(args.cache).expanduser()) if getattr(args, "cache", None) else None
     tile = getattr(args, "tile_size", None)
-    return Segmenter(model, device=args.device, cache=cache, tile_size=tile)
+    return Segmenter(model, device=device, cache=cache, tile_size=tile)
 
 
 class _Bar:
@@ -412,12 +430,14 @@ def _input_kind(path: Path, shape: tuple[int, ...], args: argparse.Namespace) ->
         raise CliError(f"--channel-axis {ca} is outside {path.name}'s {nd} axes {shape}")
     spatial = nd - (1 if ca is not None else 0)
     if args.volume:
+        if looks_rgb(shape, ca):
+            raise CliError(f"{path} has shape {shape}: a (Y, X, 3|4) image is RGB, not a volume: drop --3d")
         if spatial == 3:
             return "3d"
         if spatial == 2:
             return "2d"
     else:
-        if spatial == 2 or (nd == 3 and ca is None and shape[-1] in (3, 4)):
+        if spatial == 2 or looks_rgb(shape, ca):
             return "2d"
         if spatial == 3:
             raise CliError(f"{path} is a {nd}D stack {shape}: add --3d to segment it as a volume (Z, Y, X), "
@@ -467,18 +487,49 @@ def _segment(args: argparse.Namespace) -> int:
 
     files = tqdm(work, desc="files", unit="file", disable=True if (args.quiet or len(work) < 2) else None)
     inner = _Bar(args.quiet, position=1 if len(work) > 1 else 0)
+    failed: list[Path] = []
     try:
         for inp, out, kind in files:
-            labels, n = _segment_one(seg, read_tiff(inp), kind, inp, args, text, pts, lab, box, inner)
-            labels = labels.astype(labels_dtype(labels), copy=False)
-            write_tiff(out, labels, overwrite=args.overwrite)
+            try:
+                labels, n = _segment_one(seg, read_tiff(inp), kind, inp, args, text, pts, lab, box, inner)
+                labels = labels.astype(labels_dtype(labels), copy=False)
+                write_tiff(out, labels, overwrite=args.overwrite)
+            except Exception as err:  # one bad file must not stop the batch (as with --scheduler)
+                inner.close()
+                log.debug("%s failed", inp, exc_info=True)
+                failed.append(inp)
+                files.write(f"napari-clipsam: error: {file_error(inp, err)}", file=sys.stderr)
+                continue
             if not args.quiet:
                 what = "object" if manual else (f"'{text}' object" if text else "object")
                 shape = "×".join(str(s) for s in labels.shape)
                 files.write(f"{inp} -> {out}: {n} {what}{'s' if n != 1 else ''} ({shape} {labels.dtype})")
     finally:
         inner.close()
-    return 0
+    if len(inputs) > 1:
+        print_summary(len(work) - len(failed), todo.count(False), failed, args.quiet)
+    return 1 if failed else 0
+
+
+def file_error(path: Path, err: BaseException) -> str:
+    """One line for an error in one input file, naming the file."""
+    if isinstance(err, CliError):  # already names the file
+        text = str(err)
+    elif isinstance(err, (ValueError, OSError)):
+        text = f"{path}: {str(err) or type(err).__name__}"
+    else:
+        text = f"{path}: {type(err).__name__}: {err}"
+    return " ".join(text.split())
+
+
+def print_summary(done: int, skipped: int, failed: Sequence[Path], quiet: bool) -> None:
+    """A batch's last line: counts, and the failed files by name. On stderr when any failed (even
+    with --quiet), else on stdout unless quiet."""
+    line = f"{done} done, {skipped} skipped, {len(failed)} failed"
+    if failed:
+        print(f"napari-clipsam: {line}: {', '.join(str(p) for p in failed)}", file=sys.stderr)
+    elif not quiet:
+        print(line)
 
 
 def _segment_one(seg, image: np.ndarray, kind: str, path: Path, args, text, pts, lab, box, progress):
@@ -623,6 +674,9 @@ def _finetune(args: argparse.Namespace) -> int:
         raise CliError(f"-o {out} is a folder: give a file name ending in .safetensors")
     if args.steps < 1:
         raise CliError(f"--steps {args.steps}: need at least 1")
+    if args.lora_rank < 0:
+        raise CliError(f"--lora-rank {args.lora_rank}: need 0 (no LoRA) or more")
+    device = check_device(args.device)
     images = expand_inputs(args.images, "image")
     labels = expand_inputs(args.labels, "labels")
     if len(images) != len(labels):
@@ -641,9 +695,7 @@ def _finetune(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise CliError(f"{im.name} + {lb.name}: {err}") from err
     model = load_clipsam(args.model)
-    from .engine.segmenter import resolve_device
-
-    model.to(resolve_device(args.device))
+    model.to(device)
     config = FineTuneConfig(mode=args.mode, steps=args.steps, lr=args.lr, lora_rank=args.lora_rank,
                             batch_size=args.batch_size, seed=args.seed, patience=args.patience,
                             autocast=False if args.fp32 else None)

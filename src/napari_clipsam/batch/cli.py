@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 log = logging.getLogger(__name__)
 
 
 def run_segment_cli(args: argparse.Namespace) -> int:
-    """Run the batch; prints one line per file (unless ``--quiet``) and a summary. Exit status 1
-    if any file failed."""
-    from ..cli import CliError, check_model_files, check_text, check_writable, expand_inputs, plan_outputs
+    """Run the batch; prints one line per finished file (unless ``--quiet``), and each failed file
+    and a summary on stderr (even with ``--quiet``). Exit status 1 if any file failed."""
+    from ..cli import (CliError, check_device, check_model_files, check_text, check_writable, expand_inputs,
+                       plan_outputs, print_summary)
 
     if args.points is not None or args.box is not None or args.negative is not None:
         raise CliError("--scheduler runs text segmentation only: drop --points/--box, or drop --scheduler")
+    workers = getattr(args, "workers", 2)
+    if workers < 1:
+        raise CliError(f"--workers {workers}: need at least 1")
+    check_device(args.device)
     if getattr(args, "cache", None):
         log.warning("--cache is not used with --scheduler: each worker computes its own embeddings")
     text = check_text(args.text, required=True)
@@ -33,9 +39,6 @@ def run_segment_cli(args: argparse.Namespace) -> int:
     work = [(i, o) for i, o, do in zip(inputs, outputs, todo) if do]
     if not work:
         return 0
-    workers = getattr(args, "workers", None) or 2
-    if workers < 1:
-        raise CliError(f"--workers {workers}: need at least 1")
     from . import segment_files
 
     bar = None
@@ -60,13 +63,14 @@ def run_segment_cli(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    if not args.quiet:
-        for r in report.results:
-            if r.status == "done":
-                print(f"{r.input} -> {r.output}: {r.objects} '{text}' object{'s' if r.objects != 1 else ''}")
-            elif r.status == "failed":
-                print(f"{r.input}: failed: {r.message}")
-        print(report.summary().splitlines()[0])
+    failed = []
+    for r in report.results:
+        if r.status == "done" and not args.quiet:
+            print(f"{r.input} -> {r.output}: {r.objects} '{text}' object{'s' if r.objects != 1 else ''}")
+        elif r.status in ("failed", "cancelled"):
+            failed.append(r.input)
+            print(f"napari-clipsam: error: {r.input}: {' '.join(r.message.split())}", file=sys.stderr)
+    print_summary(len(report.done), todo.count(False) + len(report.skipped), failed, args.quiet)
     return 0 if report.ok else 1
 
 

@@ -35,6 +35,11 @@ LABELS_SUFFIX = "_labels"
 TIFF_TILE = 256
 
 
+def looks_rgb(shape: Sequence[int], channel_axis: int | None = None) -> bool:
+    """(H, W, 3|4) with no channel axis given: an RGB(A) image, never a (Z, Y, X) volume."""
+    return channel_axis is None and len(shape) == 3 and shape[-1] in (3, 4)
+
+
 def is_zarr_dir(path: Path) -> bool:
     """A zarr v2/v3 array or group directory (or a folder named ``*.zarr``)."""
     return path.is_dir() and (path.name.endswith(".zarr") or any(

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..engine.instances import MIN_SUPPORT, TEXT_THRESHOLD, check_fraction, check_seeds
-from .io import SliceStore, expand_inputs, labels_dtype, lazy_array, output_for, write_labels
+from .io import SliceStore, expand_inputs, labels_dtype, lazy_array, looks_rgb, output_for, write_labels
 from .worker import ModelSpec, segment_image_file, segment_slice
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def _kind(shape: tuple[int, ...], volume: bool, channel_axis: int | None) -> str
     spatial = nd - (1 if channel_axis is not None else 0)
     if volume and spatial == 3:
         return "3d"
-    if spatial == 2 or (nd == 3 and channel_axis is None and shape[-1] in (3, 4)):
+    if spatial == 2 or looks_rgb(shape, channel_axis):
         return "2d"
     if spatial == 3:
         raise ValueError(f"a {nd}D stack {shape}: pass volume=True (--3d) to segment it as a volume (Z, Y, X), "
@@ -291,6 +291,9 @@ def segment_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike, outpu
             try:
                 with lazy_array(r.input) as arr:
                     shape = tuple(arr.shape)
+                if volume and looks_rgb(shape, channel_axis):
+                    raise ValueError(f"shape {shape}: a (Y, X, 3|4) image is RGB, not a volume: segment it "
+                                     "without volume=True (--3d)")
                 kind = _kind(shape, volume, channel_axis)
             except ValueError as err:
                 r.status, r.message = "failed", str(err)

@@ -48,9 +48,27 @@ _SIDES_KEPT = 4  # views whose decoder image sides are kept (each ~10 MB at vit_
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else CUDA, then Apple MPS, then CPU."""
+    """``device`` if given, else CUDA, then Apple MPS, then CPU. ValueError for a name torch does
+    not know or a device this machine lacks (``cuda`` without a GPU, ``cuda:3`` with two)."""
     if device is not None:
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):  # "Expected one of cpu, cuda, ... device type at start of device string"
+            raise ValueError(f"device {device!r} is not a torch device: give cpu, cuda, cuda:N or mps, "
+                             "or None to pick the best available") from None
+        if dev.type == "cpu":
+            return dev
+        if dev.type == "mps":
+            mps = getattr(torch.backends, "mps", None)
+            count = int(mps is not None and mps.is_available())
+        else:
+            backend = getattr(torch, dev.type, None)
+            available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+            count = backend.device_count() if available and hasattr(backend, "device_count") else int(available)
+        if (dev.index or 0) >= count:
+            have = f"no {dev.type} device" if count == 0 else f"{count} {dev.type} device(s), 0 to {count - 1}"
+            raise ValueError(f"device {device!r}: this machine has {have}: use cpu, or None to pick the best available")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     mps = getattr(torch.backends, "mps", None)
