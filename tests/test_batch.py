@@ -199,6 +199,11 @@ def test_segment_lazy_dask_and_zarr_volume_match_engine(tmp_path, seg):
     img = make_image(12, 96, p_absent=0.0).image
     res2d = segment_lazy(da.from_array(img, chunks=48), TEXT, scheduler="threads", n_workers=1)
     assert_same_instances(res2d.labels[...], engine_labels(seg, img))
+    rgb = np.repeat(img[..., None], 3, axis=-1)  # (H, W, 3): an RGB image, not 96 slices of 96 × 3
+    res_rgb = segment_lazy(da.from_array(rgb, chunks=48), TEXT, segmenter=seg)
+    assert res_rgb.labels.shape == img.shape
+    seg.set_image(rgb)
+    assert_same_instances(res_rgb.labels[...], seg.segment_text(TEXT).labels)
 
 
 def test_segment_lazy_on_threads_scheduler_reads_dask_slices_on_workers(seg):

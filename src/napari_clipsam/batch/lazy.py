@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..engine.instances import TEXT_THRESHOLD
-from .io import lazy_array, open_lazy
+from .io import lazy_array, looks_rgb, open_lazy
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def segment_lazy(data: Any, text: str, *, segmenter=None, model: str | os.PathLi
     arr = open_lazy(data)
     shape = tuple(int(s) for s in arr.shape)
     if volume is None:
-        volume = len(shape) - (channel_axis is not None) == 3
+        volume = len(shape) - (channel_axis is not None) == 3 and not looks_rgb(shape, channel_axis)
     kind = _kind(shape, volume, channel_axis)
     params = {"threshold": threshold, "min_area": min_area, "min_score": min_score, "seeds": seeds, "channels": channels}
     if kind == "2d":
