@@ -24,6 +24,13 @@ def test_normalize_rgb_multichannel_and_errors():
     picked = normalize_image(multi, channel_axis=0, channels=[2])
     assert merged.shape == picked.shape == (20, 20, 3)
     np.testing.assert_allclose(picked[..., 0], normalize_image(multi[2])[..., 0])
+    two = multi[:2] * np.array([1.0, 50.0])[:, None, None]  # two channels, not an R-G picture
+    gray = normalize_image(two, channel_axis=0)
+    each = [normalize_image(c)[..., 0] for c in two]
+    np.testing.assert_allclose(gray, np.repeat(np.maximum(*each)[..., None], 3, axis=-1))
+    rg = normalize_image(two, channel_axis=0, channels=[0, 1])  # picked: shown as R, G
+    np.testing.assert_allclose(rg[..., :2], np.stack(each, -1))
+    assert not rg[..., 2].any()
     assert np.all(normalize_image(np.full((8, 8), 7.0)) == 0)
     for bad, msg in [(np.zeros((0, 4)), "empty"), (np.full((4, 4), np.nan), "NaN"),
                      (np.zeros((2, 4, 4, 4)), "2D image"), (np.zeros((5, 8, 8)), "channel_axis")]:

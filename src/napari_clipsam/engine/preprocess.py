@@ -79,8 +79,9 @@ def normalize_image(
     """Any 2D microscopy image → (H, W, 3) float32 in [0, 1].
 
     Accepts (H, W) grayscale of any integer/float dtype, (H, W, 3|4) RGB(A), or multichannel
-    with ``channel_axis`` given: ``channels`` picks up to 3 channels shown as R, G, B; without it
-    all channels are merged (maximum over percentile-normalised channels). Intensities are
+    with ``channel_axis`` given: ``channels`` picks up to 3 channels shown as R, G, B (one: as
+    gray); without it all channels are merged into gray (maximum over percentile-normalised
+    channels), whatever their number. Intensities are
     percentile-normalised per channel, or with fixed per-channel ``limits`` (C, 2) (e.g. computed
     once for a whole volume by :func:`channel_limits`). A constant image gives zeros (allowed),
     and so does an all-NaN one with ``limits`` (e.g. a volume's padding plane); an empty image,
@@ -99,7 +100,7 @@ def normalize_image(
         if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
             continue
         out[..., c] = np.clip((np.nan_to_num(arr[..., c], nan=lo) - lo) / (hi - lo), 0.0, 1.0)
-    if out.shape[-1] > 3:
+    if (channel_axis is not None and channels is None) or out.shape[-1] > 3:  # merged, as documented
         out = out.max(-1, keepdims=True)
     if out.shape[-1] == 1:
         out = np.repeat(out, 3, axis=-1)
