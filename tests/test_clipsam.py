@@ -197,6 +197,8 @@ def test_pseudo_prompts_splits_touching_blobs_and_rejects_bad_input():
     assert len(pseudo_prompts(wide, max_regions=4)) == 4
     with pytest.raises(ValueError, match="H, W"):
         pseudo_prompts(np.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match="neck_depth must be > 0"):
+        pseudo_prompts(wide, neck_depth=0)
     with pytest.raises(ValueError, match="NaN"):
         pseudo_prompts(np.full((4, 4), np.nan))
 
@@ -233,8 +235,19 @@ def test_training_changes_only_strategy_and_text_matters(strategy):
 
 def test_bad_inputs():
     m = _model("adapter")
-    with pytest.raises(ValueError, match=r"\(B, 3, 64, 64\)"):
-        m.encode(torch.rand(1, 3, 32, 32), ["x"])
+    for bad in (torch.rand(1, 3, 32, 32), torch.rand(0, 3, 64, 64)):
+        with pytest.raises(ValueError, match=r"\(B ≥ 1, 3, 64, 64\)"):
+            m.encode(bad, ["x"])
+    for bad in ((torch.rand(1, 3, 64, 64) * 255).to(torch.uint8), torch.rand(1, 3, 64, 64) * 255):
+        with pytest.raises(ValueError, match=r"floats in \[0, 1\].*normalise them first"):
+            m.encode(bad, ["x"])
+    img = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():  # float64 input is fine (cast)
+        assert torch.equal(m.encode(img.double(), ["x"]).embeddings, m.encode(img, ["x"]).embeddings)
+    with pytest.raises(TypeError, match="single string"):  # not split into the texts 'a', 'b', 'c'
+        m.encode(torch.rand(3, 3, 64, 64), "abc")
+    with pytest.raises(TypeError, match="single string"):
+        m.text_features("nucleus")
     with pytest.raises(ValueError, match="one text per image"):
         m.encode(torch.rand(2, 3, 64, 64), ["x"])
     with pytest.raises(ValueError, match="every image"):
@@ -246,8 +259,20 @@ def test_bad_inputs():
         m.decode(enc, Prompts([3]))
     with pytest.raises(ValueError, match="points must be"):
         Prompts([0], points=torch.rand(2, 2), labels=torch.ones(2))
+    with pytest.raises(ValueError, match="x1 >= x0"):
+        Prompts([0], boxes=[[30.0, 5.0, 10.0, 20.0]])
+    with pytest.raises(ValueError, match=r"mask prompts must be \(N, 1, 16, 16\)"):
+        m.decode(enc, Prompts([0], masks=np.zeros((1, 1, 64, 64), bool)))
+    with torch.no_grad():
+        logits, iou = m.decode(enc, Prompts(torch.zeros(0)), multimask=True)  # no prompts: empty results
+    assert logits.shape == (0, 3, 16, 16) and iou.shape == (0, 3)
+    with pytest.raises(ValueError, match="fp32 weights"):
+        _model("adapter").double().encode(torch.rand(1, 3, 64, 64), ["x"])
     with pytest.raises(ValueError, match="unknown conditioning"):
         ClipSam(tiny_config("nope"))
+    for blocks in ("last", True):
+        with pytest.raises(ValueError, match="use 'all', an int k"):
+            ClipSam(tiny_config("adapter", blocks=blocks))
 
 
 def test_save_load_roundtrip_and_corrupt(tmp_path):
@@ -266,6 +291,29 @@ def test_save_load_roundtrip_and_corrupt(tmp_path):
         ClipSam.load(tmp_path / "cut.safetensors")
     with pytest.raises(FileNotFoundError):
         ClipSam.load(tmp_path / "missing.safetensors")
+    import json
+
+    from safetensors.torch import save_file
+
+    from napari_clipsam.models.checkpoints import CheckpointError
+    from napari_clipsam.models.registry import load_model
+
+    tensors = {k: v.contiguous() for k, v in m.state_dict().items()}
+    config = m.config.to_dict()
+    bad_option = json.dumps({**config, "strategy_options": {"no_such_option": 1}})
+    smaller = {**tensors, "sam.mask_decoder.iou_token.weight": torch.zeros(1, 8)}
+    for name, data, meta, msg in [
+            ("noconfig", tensors, {"format": "napari-clipsam/model"}, "no usable model config"),
+            ("option", tensors, {"format": "napari-clipsam/model", "config": bad_option}, "no usable model config"),
+            ("shape", smaller, {"format": "napari-clipsam/model", "config": json.dumps(config)}, "other shapes")]:
+        save_file(data, str(tmp_path / f"{name}.safetensors"), metadata=meta)
+        with pytest.raises(ValueError, match=msg):
+            ClipSam.load(tmp_path / f"{name}.safetensors")
+        with pytest.raises(CheckpointError, match=msg):  # the CLI shows these as one line
+            load_model(str(tmp_path / f"{name}.safetensors"))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter.safetensors"), metadata={"format": "napari-clipsam/adapter"})
+    with pytest.raises(CheckpointError, match="is a fine-tuned adapter, not a model"):
+        load_model(str(tmp_path / "adapter.safetensors"))
 
 
 def test_conv_stem_keeps_the_grid_and_survives_save_load(tmp_path):
@@ -355,9 +403,22 @@ def test_grid_seeds_reach_touching_objects_and_thin_ones():
 
 
 def test_prompts_slice_in_chunks():
-    p = Prompts(torch.arange(5), points=torch.rand(5, 2, 2), labels=torch.ones(5, 2), boxes=torch.rand(5, 4))
+    p = Prompts(torch.arange(5), points=torch.rand(5, 2, 2), labels=torch.ones(5, 2), boxes=torch.rand(5, 4).cumsum(1))
     part = p[1:3]
     assert len(part) == 2 and part.image_index.tolist() == [1, 2]
     assert torch.equal(part.points, p.points[1:3]) and torch.equal(part.boxes, p.boxes[1:3]) and part.masks is None
     with pytest.raises(TypeError, match="slice"):
         p[0]
+
+
+def test_loading_weights_refreshes_the_cached_text_features():
+    torch.manual_seed(0)
+    a = ClipSam(tiny_config("ssp"))
+    torch.manual_seed(3)
+    b = ClipSam(tiny_config("ssp"))
+    img = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        before = a.semantic_logits(a.encode(img, ["nucleus"]))  # fills a's text cache
+        a.load_state_dict(b.state_dict())
+        after, want = a.semantic_logits(a.encode(img, ["nucleus"])), b.semantic_logits(b.encode(img, ["nucleus"]))
+    assert not torch.equal(before, want) and torch.equal(after, want)

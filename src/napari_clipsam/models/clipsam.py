@@ -135,8 +135,12 @@ class Prompts:
             self.boxes = torch.as_tensor(self.boxes, dtype=torch.float32)
             if self.boxes.shape != (n, 4):
                 raise ValueError(f"boxes must be (N={n}, 4), got {tuple(self.boxes.shape)}")
-        if self.masks is not None and (self.masks.ndim != 4 or self.masks.shape[:2] != (n, 1)):
-            raise ValueError(f"masks must be (N={n}, 1, H, W), got {tuple(self.masks.shape)}")
+            if n and bool((self.boxes[:, 2:] < self.boxes[:, :2]).any()):
+                raise ValueError("boxes must be (x0, y0, x1, y1) with x1 >= x0 and y1 >= y0")
+        if self.masks is not None:
+            self.masks = torch.as_tensor(self.masks, dtype=torch.float32)
+            if self.masks.ndim != 4 or self.masks.shape[:2] != (n, 1):
+                raise ValueError(f"masks must be (N={n}, 1, H, W), got {tuple(self.masks.shape)}")
 
     def __len__(self) -> int:
         return len(self.image_index)
@@ -207,15 +211,33 @@ class ClipSam(nn.Module):
         """True when the strategy adapts encoder blocks: the embedding then depends on the text."""
         return bool(self.conditioning.adapted_blocks)
 
-    def _check_images(self, images: torch.Tensor) -> None:
+    def _check_weights(self) -> None:
+        dtype = self.sam.mask_decoder.iou_token.weight.dtype
+        if dtype != torch.float32:
+            raise ValueError(f"ClipSam runs with fp32 weights, this one has {dtype}: move it back with .float(); "
+                             "for bf16/fp16 speed use autocast (napari_clipsam.models.fast.fast_inference)")
+
+    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) images with values in [0, 1] (any float dtype) → fp32; ValueError otherwise."""
         s = self.img_size
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (s, s):
-            raise ValueError(f"images must be (B, 3, {s}, {s}) floats in [0, 1], got {tuple(images.shape)}")
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3 \
+                or images.shape[2:] != (s, s) or images.shape[0] == 0:
+            got = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
+            raise ValueError(f"images must be a (B ≥ 1, 3, {s}, {s}) tensor of floats in [0, 1], got {got}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype}: normalise them first "
+                             "(napari_clipsam.engine.preprocess.normalize_image, to_model_input)")
+        lo, hi = float(images.min()), float(images.max())
+        if not (-1e-3 <= lo and hi <= 1 + 1e-3):
+            raise ValueError(f"images must be floats in [0, 1], got values from {lo:g} to {hi:g}: normalise them "
+                             "first (napari_clipsam.engine.preprocess.normalize_image, to_model_input)")
+        self._check_weights()
+        return images.float()
 
     # ---- encoder ------------------------------------------------------------------------------
     def embed_image(self, images: torch.Tensor) -> ImageFeatures:
         """Text-independent features of (B, 3, S, S) images in [0, 1]."""
-        self._check_images(images)
+        images = self._check_images(images)
         x, stem = self.patch_tokens(images)
         return self.finish_features(self.encoder_tokens(None, tokens=x), self.semantics.patch_features(images), stem)
 
@@ -261,11 +283,16 @@ class ClipSam(nn.Module):
                              patches=patches, stem=stem)
 
     def text_features(self, texts: Sequence[str]) -> TextFeatures:
+        if isinstance(texts, str):
+            raise TypeError(f"texts must be a list of strings, got the single string {texts!r}: pass [{texts!r}]")
         return self.semantics.text_features(list(texts))
 
     def condition(self, feats: ImageFeatures, texts: Sequence[str | None] | None) -> Encoded:
         """Apply texts (one per row, or None for plain SAM) to image features."""
         b = feats.patches.shape[0]
+        if isinstance(texts, str):
+            raise TypeError(f"texts must give one text per image (a list), got the single string {texts!r}: "
+                            f"pass [{texts!r}] * {b}")
         texts = tuple(texts) if texts is not None else (None,) * b
         if len(texts) != b:
             raise ValueError(f"got {len(texts)} texts for {b} images: give one text per image (or None)")
@@ -334,6 +361,14 @@ class ClipSam(nn.Module):
             return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
         p = prompts.to(self.device)
         n = len(p)
+        self._check_weights()
+        m = self.sam.mask_decoder.num_mask_tokens - 1 if multimask else 1
+        if n == 0:
+            size = self.mask_size
+            return torch.zeros(0, m, size, size, device=self.device), torch.zeros(0, m, device=self.device)
+        if p.masks is not None and p.masks.shape[2:] != (self.mask_size, self.mask_size):
+            raise ValueError(f"mask prompts must be (N, 1, {self.mask_size}, {self.mask_size}) low-resolution logits "
+                             f"(mask_size), got {tuple(p.masks.shape)}")
         tokens_box = None if windows is None else self._token_windows(windows, n)
         b = enc.embeddings.shape[0]
         if n and (int(p.image_index.min()) < 0 or int(p.image_index.max()) >= b):
@@ -484,12 +519,20 @@ class ClipSam(nn.Module):
             raise ValueError(f"{path} is not a readable napari-clipsam model file (truncated or corrupt?): {err}") from err
         if meta.get("format") != "napari-clipsam/model":
             raise ValueError(f"{path} is not a napari-clipsam model file (an adapter file? use load_adapter)")
-        model = cls(ClipSamConfig.from_dict(json.loads(meta["config"])))
+        try:
+            model = cls(ClipSamConfig.from_dict(json.loads(meta["config"])))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path} has no usable model config ({type(err).__name__}: {err}): it was not written by "
+                             "ClipSam.save, or by a version that wrote another config") from None
         ref = model.state_dict()
         state = {k: v.to(ref[k].dtype) if k in ref else v for k, v in state.items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path} does not match its own config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        missing = [k for k in ref if k not in state]
+        unexpected = [k for k in state if k not in ref]
+        shapes = [k for k in ref if k in state and state[k].shape != ref[k].shape]
+        if missing or unexpected or shapes:
+            raise ValueError(f"{path} does not match its own config: missing {missing[:5]}, unexpected "
+                             f"{unexpected[:5]}, other shapes {shapes[:5]}")
+        model.load_state_dict(state)
         model.file_metadata = json.loads(meta.get("metadata", "{}"))
         model.source = str(path)
         return model.to(map_location).eval()

@@ -524,8 +524,12 @@ def load_model(name_or_path: PathLike, **kwargs: Any) -> Any:
     entry = MODELS.get(name)
     if entry is None:
         path = fetch(name_or_path)
-        if path.suffix == ".safetensors" and _safetensors_format(path) == "napari-clipsam/model":
+        kind = _safetensors_format(path) if path.suffix == ".safetensors" else None
+        if kind == "napari-clipsam/model":
             return _load_clipsam(path, **kwargs)
+        if kind == "napari-clipsam/adapter":
+            raise CheckpointError(f"{path} is a fine-tuned adapter, not a model: load its base model, then the "
+                                  "adapter onto it (load_adapter, or --model BASE --adapter FILE)")
         return load_sam_checkpoint(path, **kwargs)
     if entry.kind == "sam":
         return load_sam_checkpoint(name, **kwargs)

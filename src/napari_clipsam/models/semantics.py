@@ -84,6 +84,12 @@ class ClipSemantics(nn.Module):
         self._text_cache.clear()
         self._empty = None
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        # new CLIP weights (load_state_dict on this module or any module holding it): the cached
+        # text features were computed with the old ones
+        self.clear_cache()
+        super()._load_from_state_dict(*args, **kwargs)
+
     def _device(self) -> torch.device:
         return self.mean.device
 

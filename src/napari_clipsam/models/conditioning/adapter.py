@@ -38,6 +38,8 @@ def resolve_blocks(blocks: str | int | Sequence[int], depth: int) -> tuple[int, 
     """``"all"`` → every block; an int k → the last k blocks; a list → those indices."""
     if blocks == "all":
         return tuple(range(depth))
+    if isinstance(blocks, (bool, str)) or blocks is None:
+        raise ValueError(f"adapter blocks={blocks!r}: use 'all', an int k (the last k blocks) or block indices")
     if isinstance(blocks, int):
         if not 1 <= blocks <= depth:
             raise ValueError(f"adapter blocks={blocks}: need 1..{depth} (the encoder has {depth} blocks)")

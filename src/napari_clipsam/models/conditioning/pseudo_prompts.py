@@ -159,6 +159,8 @@ def pseudo_prompts(
         raise ValueError(f"pseudo_prompts expects a (H, W) map, got shape {prob.shape}")
     if not np.isfinite(prob).all():
         raise ValueError("pseudo_prompts: the probability map contains NaN or inf")
+    if neck_depth is not None and not neck_depth > 0:
+        raise ValueError(f"pseudo_prompts: neck_depth must be > 0 pixels (or None to not split at necks), got {neck_depth}")
     h, w = prob.shape
     comp, n = ndimage.label(prob > threshold)
     empty = PseudoPrompts(np.zeros((0, 2), np.float32), np.zeros((0, h, w), bool), np.zeros(0, np.float32),
