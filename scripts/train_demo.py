@@ -347,7 +347,7 @@ def train(steps: int, batch: int, seed: int, lr: float, out: Path | None, log_ev
                 "synonyms": {k: list(v) for k, v in SYNONYMS.items()}, "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "data": "fresh napari_clipsam.data.synthetic images (make_image, 10 % make_volume slices), seeds < 100000"}
         out.parent.mkdir(parents=True, exist_ok=True)
-        model.save(out, metadata=meta, half=True)
+        model.save(out, metadata=meta, half=True, overwrite=True)
         log.info("saved %s (%.1f MB) after %.0fs of training", out, out.stat().st_size / 1e6, train_s)
         print(json.dumps(meta))
     return model

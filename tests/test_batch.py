@@ -1,7 +1,6 @@
 """Batch segmentation on Dask: same labels as the engine, worker loss, resume, lazy inputs, CLI."""
 
 import os
-import threading
 from pathlib import Path
 
 import numpy as np

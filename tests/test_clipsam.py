@@ -278,6 +278,13 @@ def test_bad_inputs():
 def test_save_load_roundtrip_and_corrupt(tmp_path):
     m = _model("ssp")
     path = m.save(tmp_path / "m.safetensors", metadata={"trained": "test"})
+    import os
+
+    from napari_clipsam.models.checkpoints import NEW_FILE_MODE
+
+    assert os.stat(path).st_mode & 0o777 == NEW_FILE_MODE  # shareable, as any new file (not owner-only)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        _model("adapter").save(path)
     m2 = ClipSam.load(path)
     assert m2.file_metadata == {"trained": "test"} and m2.config == m.config
     img = torch.rand(1, 3, 64, 64)

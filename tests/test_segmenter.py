@@ -38,7 +38,7 @@ def test_predict_twice_runs_the_image_encoder_once(strategy):
     m2, s2 = seg.predict(points=[[10, 20], [40, 5]], labels=[1, 0], box=[2, 3, 30, 40])
     t1 = seg.predict(points=[[10, 20]], text="nucleus")
     blocks_after_text = len(last_block)
-    t2 = seg.predict(box=[2, 3, 30, 40], text="nucleus")
+    seg.predict(box=[2, 3, 30, 40], text="nucleus")
     assert len(enc_calls) == 1  # decoder only from here on
     assert len(last_block) == blocks_after_text  # the (image, text) conditioning is cached too
     assert m1.shape == (48, 56) and m1.dtype == bool and 0.0 <= s1 <= 1.0

@@ -72,7 +72,10 @@ def test_save_load_identical_masks_and_errors(tmp_path):
     with pytest.raises(FileExistsError):
         save_adapter(path, m)
     save_adapter(path, m, metadata={"note": "test"}, overwrite=True)
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    from napari_clipsam.models.checkpoints import NEW_FILE_MODE
+
+    assert path.stat().st_mode & 0o777 == NEW_FILE_MODE
     meta, tensors = read_adapter(path)
     assert meta["texts"] == ["nucleus"] and meta["strategy"] == "adapter" and meta["user"] == {"note": "test"}
     assert meta["lora"]["rank"] == 8 and meta["base"]["fingerprint"] == base_fingerprint(m)

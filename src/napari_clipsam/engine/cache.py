@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models.checkpoints import NEW_FILE_MODE
+
 log = logging.getLogger(__name__)
 
 Entry = dict[str, torch.Tensor]
@@ -266,6 +268,7 @@ class EmbeddingCache:
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(payload, f)
+            os.chmod(tmp, NEW_FILE_MODE)  # mkstemp's files are owner-only; a cache folder may be shared
             os.replace(tmp, path)
         except OSError as err:
             log.warning("could not write embedding cache entry %s: %s", path, err)

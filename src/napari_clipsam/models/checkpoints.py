@@ -1,4 +1,4 @@
-"""Safe loading of weight files: SAM checkpoints and CLIP weights.
+"""Safe loading of weight files (SAM checkpoints and CLIP weights), and writing our own.
 
 Everything here works on *files*; :mod:`napari_clipsam.models.registry` turns model names
 into files. Files are read with ``torch.load(..., weights_only=True)`` (or safetensors), so a
@@ -23,6 +23,37 @@ from .sam_parts import SAM_CONFIGS, SamConfig, build_sam
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
+
+
+def _new_file_mode() -> int:
+    mask = os.umask(0o022)  # read the umask (set back at once; done once, at import)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+#: Permissions a new file gets in this process (safetensors alone writes owner-only files).
+NEW_FILE_MODE = _new_file_mode()
+
+
+def write_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                      overwrite: bool = False) -> Path:
+    """Write ``tensors`` (contiguous, CPU) with string ``metadata`` to a ``.safetensors`` file,
+    atomically (a temp file in the same folder, then a rename), readable as any new file here
+    so it can be shared. FileExistsError if ``path`` exists and ``overwrite`` is False."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists: choose another name or pass overwrite=True")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(dict(tensors), str(tmp), metadata=dict(metadata))
+        os.chmod(tmp, NEW_FILE_MODE)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 # --------------------------------------------------------------------------------------
@@ -335,6 +366,8 @@ def _clip_name(model: Any) -> str:
 
 __all__ = [
     "CheckpointError",
+    "NEW_FILE_MODE",
+    "write_safetensors",
     "read_weights",
     "mismatch_summary",
     "infer_sam_config",

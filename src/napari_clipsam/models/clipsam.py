@@ -14,7 +14,6 @@ Masks come out as low-resolution logits (N, M, 4h, 4w) where h = S / patch size.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -486,10 +485,11 @@ class ClipSam(nn.Module):
         return out
 
     # ---- files --------------------------------------------------------------------------------
-    def save(self, path: str | Path, metadata: dict | None = None, half: bool = False) -> Path:
+    def save(self, path: str | Path, metadata: dict | None = None, half: bool = False, overwrite: bool = False) -> Path:
         """Write the whole model as ``.safetensors`` with its config (and ``metadata``) as JSON,
-        atomically (temp file + rename). ``half`` stores floating weights as fp16."""
-        from safetensors.torch import save_file
+        atomically (temp file + rename). ``half`` stores floating weights as fp16.
+        FileExistsError if ``path`` exists and ``overwrite`` is False."""
+        from .checkpoints import write_safetensors
 
         path = Path(path)
         tensors = {}
@@ -498,10 +498,7 @@ class ClipSam(nn.Module):
             tensors[k] = (v.half() if half and v.is_floating_point() else v).contiguous()
         meta = {"format": "napari-clipsam/model", "config": json.dumps(self.config.to_dict()),
                 "metadata": json.dumps(metadata or {})}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        return path
+        return write_safetensors(path, tensors, meta, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "ClipSam":

@@ -153,7 +153,7 @@ def save_adapter(path: str | os.PathLike, model: ClipSam, metadata: dict | None 
     ``metadata`` (JSON-able) is stored under ``"user"``. Raises ``FileExistsError`` if ``path``
     exists and ``overwrite`` is False, ``ValueError`` if the model has no adapter.
     """
-    from safetensors.torch import save_file
+    from ..models.checkpoints import write_safetensors
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -183,14 +183,7 @@ def save_adapter(path: str | os.PathLike, model: ClipSam, metadata: dict | None 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "user": metadata or {},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "adapter": json.dumps(meta, default=str)})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_safetensors(path, tensors, {"format": FORMAT, "adapter": json.dumps(meta, default=str)}, overwrite=True)
     log.info("saved adapter %s (%d tensors, %.2f MB)", path, len(tensors), path.stat().st_size / 1e6)
     return path
 
