@@ -93,6 +93,8 @@ def test_registry_has_the_required_models():
         if e.kind == "sam":
             assert e.url.startswith("https://") and e.sam_arch in SAM_CONFIGS
             assert e.known_hash.split(":")[0] in ("sha256", "xxh128", "md5")
+        if e.bundled and registry.model_path(e.name).is_file():  # the size `models list` shows is the file's
+            assert abs(registry.model_path(e.name).stat().st_size / 1e6 - e.approx_mb) <= 0.1 * e.approx_mb
     assert registry.get_entry("vit_b").known_hash == (
         "sha256:ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"
     )

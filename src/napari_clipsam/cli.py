@@ -153,8 +153,10 @@ def plan_outputs(inputs: Sequence[Path], out: str | None) -> list[Path]:
     return outputs
 
 
-def check_writable(outputs: Sequence[Path], overwrite: bool, skip_existing: bool = False) -> list[bool]:
-    """Which outputs to write; :class:`CliError` if one exists and neither flag allows it."""
+def check_writable(outputs: Sequence[Path], overwrite: bool, skip_existing: bool = False,
+                   can_skip: bool = True) -> list[bool]:
+    """Which outputs to write; :class:`CliError` if one exists and neither flag allows it
+    (``can_skip``: the command has ``--skip-existing``, and the message offers it)."""
     todo = []
     for o in outputs:
         if o.exists() and not overwrite:
@@ -163,8 +165,8 @@ def check_writable(outputs: Sequence[Path], overwrite: bool, skip_existing: bool
                 continue
             more = sum(1 for x in outputs if x.exists())
             extra = f" (and {more - 1} more outputs)" if more > 1 else ""
-            raise CliError(f"output {o} exists{extra}: pass --overwrite to replace it, --skip-existing "
-                           "to keep it, or choose another -o")
+            keep = ", --skip-existing to keep it," if can_skip else ""
+            raise CliError(f"output {o} exists{extra}: pass --overwrite to replace it{keep} or choose another -o")
         todo.append(True)
     return todo
 
@@ -636,8 +638,10 @@ def add_finetune_command(subparsers: argparse._SubParsersAction) -> None:
             "Fine-tune the model (LoRA + text conditioning + mask decoder) on images with instance labels of "
             "one concept, and save only the trained weights as an adapter (.safetensors, a few MB). "
             "--images and --labels are paired in order (folders in file-name order); 3D stacks give one "
-            "example per labelled slice. Part of the data is held out for validation; the best weights "
-            "are kept. Use the adapter with 'segment --adapter FILE' or in the napari widget."),
+            "example per labelled slice. Part of the data is held out for validation: from 4 labelled "
+            "images on, whole images, and the run stops early and keeps its best weights; with 1-3 images, "
+            "a strip of each, and the run takes all its steps and keeps the last weights. Use the adapter "
+            "with 'segment --adapter FILE' or in the napari widget."),
         epilog=("example:\n  napari-clipsam finetune --images img1.tif img2.tif --labels lab1.tif lab2.tif "
                 "--text nucleus --steps 200 -o nuclei.safetensors"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -753,7 +757,7 @@ def add_sample_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", metavar="FILE.tif", help="also write the ground-truth instance labels here")
     p.add_argument("--concept", choices=["nucleus", "mitochondrion", "vesicle"],
                    help="with --labels: only this concept's instances (default: all)")
-    p.add_argument("--3d", dest="volume", action="store_true", help="a (16, 128, 128) volume instead")
+    p.add_argument("--3d", dest="volume", action="store_true", help="a (16, 256, 256) volume instead")
     p.add_argument("--seed", type=int, help="random seed (default: the napari sample's)")
     p.add_argument("--size", type=int, default=256, help="2D image side in pixels (default 256)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
@@ -765,12 +769,12 @@ def _sample(args: argparse.Namespace) -> int:
     for t in targets:
         if not _is_tiff(t):
             raise CliError(f"{t}: give a file name ending in .tif")
-    check_writable(targets, args.overwrite)
+    check_writable(targets, args.overwrite, can_skip=False)
     from ._sample_data import SAMPLE_2D_SEED, SAMPLE_3D_SEED
     from .data.synthetic import make_image, make_volume
 
     if args.volume:
-        s = make_volume(SAMPLE_3D_SEED if args.seed is None else args.seed, (16, 128, 128), p_absent=0.0)
+        s = make_volume(SAMPLE_3D_SEED if args.seed is None else args.seed, (16, 256, 256), p_absent=0.0)
     else:
         s = make_image(SAMPLE_2D_SEED if args.seed is None else args.seed, args.size, p_absent=0.0)
     write_tiff(targets[0], s.image, overwrite=args.overwrite)

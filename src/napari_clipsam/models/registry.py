@@ -174,7 +174,7 @@ for _e in (
     ),
     # The small demo ClipSam shipped inside the wheel (built by scripts/, see DESIGN.md).
     ModelEntry(
-        "demo", "clipsam", None, "demo.safetensors", None, None, 1.0,
+        "demo", "clipsam", None, "demo.safetensors", None, None, 5.8,
         "BSD-3-Clause (this project)", "tiny demo ClipSam trained on synthetic data (bundled)",
         bundled="weights/demo.safetensors",
     ),
