@@ -250,3 +250,32 @@ def test_save_adapter_replaces_only_the_file_chosen(make_napari_viewer, qtbot, t
     assert existing.read_bytes() == b"a colleague's adapter"
     assert panel.save_adapter(existing) == existing  # the file itself chosen (the dialog asked): replaced
     assert existing.read_bytes() != b"a colleague's adapter"
+
+
+def test_train_and_load_adapter_act_on_the_model_loaded_before_them(make_napari_viewer, qtbot, tmp_path):
+    """Train (or Load adapter) pressed while a model load is still queued works on the model that
+    load brings, the one the Segment panel then uses, not on the one it replaces."""
+    from napari_clipsam.training.finetune import ADAPTER_ATTR
+
+    viewer = make_napari_viewer()
+    image, labels = _add(viewer, sample_2d())
+    old = _model()
+    _, panel = _panels(viewer, qtbot, old)
+    panel.image_combo.setCurrentText(image.name)
+    panel.labels_combo.setCurrentText(labels.name)
+    panel.text_edit.setText("nucleus")
+    assert panel.add_example() is not None
+    session = panel.session
+    for action in ("train", "load_adapter"):
+        new = Segmenter(_model())
+        session.jobs.submit("load", lambda report, new=new: new, lambda seg: session.set_segmenter(seg, "new"))
+        if action == "train":
+            panel.train(_quick(2))
+        else:
+            panel.load_adapter(adapter)
+        _wait(qtbot, panel)
+        assert session.segmenter is new and getattr(new.model, ADAPTER_ATTR, None) is not None, action
+        assert getattr(old, ADAPTER_ATTR, None) is None, action
+        if action == "train":
+            adapter = panel.save_adapter(tmp_path / "a.safetensors")
+            assert adapter is not None

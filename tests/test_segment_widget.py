@@ -374,6 +374,31 @@ def test_segment_all_never_overflows_a_narrow_target(make_napari_viewer, qtbot):
     assert room.metadata["classes"] == {11: "nucleus", 12: "nucleus", 13: "nucleus"}
 
 
+def test_a_preview_that_comes_back_after_its_image_went_is_dropped(make_napari_viewer, qtbot):
+    """A click's preview still computing when its image is removed (the panel moves to the other
+    image) is not shown, so it cannot be committed into the other image's layer."""
+    import torch
+
+    torch.manual_seed(0)
+    viewer = make_napari_viewer()
+    (img, _, _), _ = sample_2d()
+    first = viewer.add_image(img, name="first")
+    viewer.add_image(img[::-1].copy(), name="second")
+    widget = _panel(viewer, qtbot, Segmenter(ClipSam(tiny_config()), tile_size=0))
+    widget.image_combo.setCurrentText("first")
+    _wait(qtbot, widget)
+    seen = []
+    widget.jobs.started.connect(seen.append)
+    _click(widget, viewer, 100, 120)  # the preview job starts; its result arrives through the event loop
+    assert widget.jobs.running == "predict"
+    viewer.layers.remove(first)
+    _wait(qtbot, widget)
+    assert widget.image_combo.currentText() == "second" and "predict" in seen
+    assert widget.preview is None
+    widget.target_combo.setCurrentText("new labels layer")
+    assert widget.commit() is None and "second annotations" not in [lay.name for lay in viewer.layers]
+
+
 def test_adding_a_layer_keeps_the_chosen_image_and_its_preview(make_napari_viewer, qtbot):
     """With the second of two images chosen, a new layer (prompts, preview, target) is not an image change."""
     import torch

@@ -410,7 +410,7 @@ class FineTuneWidget(QWidget):
     def train(self, config=None) -> None:
         """Fine-tune the shared model on the examples, in a worker (``config`` overrides the panel's settings)."""
         try:
-            seg = self.session.require_segmenter()
+            self.session.require_segmenter()  # a model to train (the job takes the one current then)
             if not self.examples:
                 raise ValueError("add at least one example (image + corrected labels + text)")
             examples = [t for ex in self.examples for t in ex.training_examples()]
@@ -437,7 +437,9 @@ class FineTuneWidget(QWidget):
                 self.trained_step.emit(p.step, float("nan") if p.loss is None else float(p.loss),
                                        float("nan") if p.val_score is None else float(p.val_score))
 
-            return finetune(seg.model, examples, config, callback=callback, cancel=self._cancel)
+            # the model when the job runs: a "Load model" queued before it has replaced the one of now
+            return finetune(self.session.require_segmenter().model, examples, config, callback=callback,
+                            cancel=self._cancel)
 
         self.jobs.submit("train", job, self._trained, on_error=lambda err: self.status.setText(f"failed: {err}"),
                          desc="fine-tuning")
@@ -454,6 +456,7 @@ class FineTuneWidget(QWidget):
         self.result = result
         if result.cancelled:
             self.status.setText("cancelled: the model is unchanged")
+            self.progress.setValue(0)
             return
         self.session.weights_changed()
         self.status.setText(f"done: {result.steps} steps in {result.seconds:.0f} s; validation score "
@@ -515,7 +518,7 @@ class FineTuneWidget(QWidget):
             if not path:
                 return
         try:
-            seg = self.session.require_segmenter()
+            self.session.require_segmenter()
         except RuntimeError as err:
             show_error(str(err))
             return
@@ -527,5 +530,6 @@ class FineTuneWidget(QWidget):
             self.meta_label.setText(self._describe(meta))
             self.status.setText(f"adapter {Path(path).name} loaded: the Segment panel uses it")
 
-        self.jobs.submit("load_adapter", lambda report: load_adapter(path, seg.model), done,
-                         desc=f"loading adapter {Path(path).name}")
+        # the model when the job runs: a "Load model" queued before it has replaced the one of now
+        self.jobs.submit("load_adapter", lambda report: load_adapter(path, self.session.require_segmenter().model),
+                         done, desc=f"loading adapter {Path(path).name}")

@@ -568,7 +568,25 @@ class SegmentWidget(QWidget):
             self._ensure_image(seg, src, report, embed=False)  # only the tiles the prompt needs
             return seg.predict(points=pts, labels=labels, box=box, text=text)
 
-        self.jobs.submit("predict", job, lambda res: self._set_preview(src, *res), coalesce=True)
+        def done(res) -> None:
+            if self._asked_now(src, text, pts, labels, box):  # else a late answer to an older question
+                self._set_preview(src, *res)
+
+        self.jobs.submit("predict", job, done, coalesce=True)
+
+    def _asked_now(self, src: Source, text, pts, labels, box) -> bool:
+        """Whether the image (layer, data, slice, channels), the text and the prompts are still
+        what a preview was computed for (its layer may have gone, or the prompts moved, since)."""
+        try:
+            now = self.source()
+        except ValueError:
+            return False
+        if now is None or now.key != src.key or src.layer not in self.viewer.layers or self.text() != text:
+            return False
+        if self.mode_combo.currentText() == "text-only":
+            return pts is None and box is None
+        same = lambda a, b: (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))  # noqa: E731
+        return all(same(a, b) for a, b in zip(self.prompts(now), (pts, labels, box)))
 
     def _set_preview(self, src: Source, mask: np.ndarray, score: float) -> None:
         if src.kind == "volume":
