@@ -55,6 +55,49 @@ def test_disk_budget_prunes_oldest(tmp_path):
     assert 0 < len(files) < 6 and sum(f.stat().st_size for f in files) <= 3000
 
 
+def test_pruning_and_clearing_touch_only_cache_entries(tmp_path):
+    """A user's own .pt files in the cache folder (even old ones, in hex-named subfolders) are
+    never pruned or cleared, nor counted."""
+    import os
+
+    mine = [tmp_path / "models" / "my_finetuned.pt", tmp_path / "ab" / "notes.pt", tmp_path / "top.pt"]
+    for f in mine:
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(b"x" * 5000)
+        os.utime(f, (1, 1))  # older than any entry: pruned first if it counted
+    cache = EmbeddingCache(directory=tmp_path, max_disk_bytes=3000)
+    for i in range(6):
+        cache.put(digest(i), _entry(200, i))
+    entries = cache.disk_entries()
+    assert 0 < len(entries) < 6 and all(f.exists() for f in mine)
+    cache.clear(disk=True)
+    assert cache.disk_entries() == [] and all(f.exists() for f in mine)
+
+
+def test_a_read_only_cache_folder_serves_its_entries_and_skips_writes(tmp_path, monkeypatch, caplog):
+    """Copied onto read-only media: hits are used, misses are computed and not stored, a bad
+    entry is ignored; writes and deletions fail with EROFS, as on such a file system."""
+    import errno
+    import os
+    import tempfile
+
+    key, bad = digest("img", "model"), digest("img2", "model")
+    EmbeddingCache(directory=tmp_path).put(key, _entry(10, 3.0))
+    (tmp_path / bad[:2]).mkdir(exist_ok=True)
+    (tmp_path / bad[:2] / f"{bad}.pt").write_bytes(b"truncated")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    for module, name in ((os, "utime"), (os, "unlink"), (tempfile, "mkstemp")):
+        monkeypatch.setattr(module, name, read_only)
+    cache = EmbeddingCache(directory=tmp_path)
+    assert torch.equal(cache.get(key)["embeddings"], torch.full((10,), 3.0))
+    assert cache.get(bad) is None
+    cache.put(digest("new"), _entry(10))  # kept in memory, not on disk
+    assert cache.get(digest("new")) is not None and "could not write" in caplog.text
+
+
 def test_weights_fingerprint_follows_the_weights():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))

@@ -622,7 +622,9 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _cache_files(folder: Path) -> int:
-    return sum(1 for _ in folder.rglob("*.pt")) if folder.is_dir() else 0
+    from .engine.cache import EmbeddingCache
+
+    return len(EmbeddingCache(directory=folder).disk_entries()) if folder.is_dir() else 0
 
 
 # --------------------------------------------------------------------------------------

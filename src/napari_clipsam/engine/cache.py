@@ -16,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from torch import nn
 from ..models.checkpoints import NEW_FILE_MODE
 
 log = logging.getLogger(__name__)
+
+#: An entry file's name: the key (a 40-digit hex digest, :func:`digest`) + ".pt".
+_ENTRY_NAME = re.compile(r"[0-9a-f]{40}\.pt")
 
 Entry = dict[str, torch.Tensor]
 FORMAT = "napari-clipsam/embedding-v1"
@@ -223,7 +227,7 @@ class EmbeddingCache:
         self._mem.clear()
         self._bytes = 0
         if disk and self.directory is not None:
-            for f in self._disk_files():
+            for f in self.disk_entries():
                 f.unlink(missing_ok=True)
 
     # ---- public -------------------------------------------------------------------------------
@@ -256,23 +260,29 @@ class EmbeddingCache:
             raise ValueError(f"cache keys are lowercase hex digests, got {key!r}")
         return self.directory / key[:2] / f"{key}.pt"
 
-    def _disk_files(self) -> Iterable[Path]:
-        return self.directory.glob("*/*.pt") if self.directory is not None else ()
+    def disk_entries(self) -> list[Path]:
+        """The entry files in the directory: ``<2 hex>/<40 hex>.pt`` whose folder is their name's
+        start. Anything else there (a user's own ``.pt`` files) is never read, pruned or cleared."""
+        if self.directory is None:
+            return []
+        return [f for f in self.directory.glob("??/*.pt") if _ENTRY_NAME.fullmatch(f.name) and f.name[:2] == f.parent.name]
 
     def _write(self, key: str, entry: Entry) -> None:
         path = self._path(key)
         cpu = {k: v.to("cpu").contiguous() for k, v in entry.items()}
         payload = {"format": FORMAT, "key": key, "checksum": entry_checksum(cpu), "tensors": cpu}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}", suffix=".tmp")
-        try:
+        tmp = None
+        try:  # a read-only or full cache folder costs the entry, never the result
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 torch.save(payload, f)
             os.chmod(tmp, NEW_FILE_MODE)  # mkstemp's files are owner-only; a cache folder may be shared
             os.replace(tmp, path)
         except OSError as err:
             log.warning("could not write embedding cache entry %s: %s", path, err)
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
             return
         if self.max_disk_bytes is not None:
             self._prune_disk()
@@ -292,14 +302,20 @@ class EmbeddingCache:
             ok = False
         if not ok:
             log.warning("removing invalid embedding cache entry %s", path)
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as err:  # a read-only cache folder: ignored, recomputed each time
+                log.warning("could not remove %s: %s", path, err)
             return None
-        os.utime(path)
+        try:
+            os.utime(path)  # recently used: pruned last
+        except OSError:  # a read-only cache folder
+            pass
         return payload["tensors"]
 
     def _prune_disk(self) -> None:
         files = []
-        for f in self._disk_files():
+        for f in self.disk_entries():
             try:
                 st = f.stat()
             except OSError:
@@ -309,7 +325,10 @@ class EmbeddingCache:
         for _, size, f in sorted(files):
             if total <= self.max_disk_bytes:
                 break
-            f.unlink(missing_ok=True)
+            try:
+                f.unlink(missing_ok=True)
+            except OSError:
+                break  # read-only: nothing can be pruned
             total -= size
 
 
