@@ -397,6 +397,11 @@ def test_a_preview_that_comes_back_after_its_image_went_is_dropped(make_napari_v
     assert widget.preview is None
     widget.target_combo.setCurrentText("new labels layer")
     assert widget.commit() is None and "second annotations" not in [lay.name for lay in viewer.layers]
+    _click(widget, viewer, 90, 110)  # the same while the image's data is replaced
+    assert widget.jobs.running == "predict"
+    viewer.layers["second"].data = img.T.copy()
+    _wait(qtbot, widget)
+    assert widget.preview is None
 
 
 def test_adding_a_layer_keeps_the_chosen_image_and_its_preview(make_napari_viewer, qtbot):

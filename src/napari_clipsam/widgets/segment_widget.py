@@ -568,20 +568,23 @@ class SegmentWidget(QWidget):
             self._ensure_image(seg, src, report, embed=False)  # only the tiles the prompt needs
             return seg.predict(points=pts, labels=labels, box=box, text=text)
 
+        asked = src.key  # now: the key reads the layer's data when called
+
         def done(res) -> None:
-            if self._asked_now(src, text, pts, labels, box):  # else a late answer to an older question
+            if self._asked_now(src, asked, text, pts, labels, box):  # else a late answer to an older question
                 self._set_preview(src, *res)
 
         self.jobs.submit("predict", job, done, coalesce=True)
 
-    def _asked_now(self, src: Source, text, pts, labels, box) -> bool:
-        """Whether the image (layer, data, slice, channels), the text and the prompts are still
-        what a preview was computed for (its layer may have gone, or the prompts moved, since)."""
+    def _asked_now(self, src: Source, asked: tuple, text, pts, labels, box) -> bool:
+        """Whether the image (``asked``: its key when the preview was asked for: layer, data,
+        slice, channels), the text and the prompts are still what a preview was computed for (its
+        layer may have gone, its data been replaced, or the prompts moved since)."""
         try:
             now = self.source()
         except ValueError:
             return False
-        if now is None or now.key != src.key or src.layer not in self.viewer.layers or self.text() != text:
+        if now is None or now.key != asked or src.layer not in self.viewer.layers or self.text() != text:
             return False
         if self.mode_combo.currentText() == "text-only":
             return pts is None and box is None
