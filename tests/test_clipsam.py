@@ -312,7 +312,7 @@ def test_save_load_roundtrip_and_corrupt(tmp_path):
     for name, data, meta, msg in [
             ("noconfig", tensors, {"format": "napari-clipsam/model"}, "no usable model config"),
             ("option", tensors, {"format": "napari-clipsam/model", "config": bad_option}, "no usable model config"),
-            ("shape", smaller, {"format": "napari-clipsam/model", "config": json.dumps(config)}, "other shapes")]:
+            ("shape", smaller, {"format": "napari-clipsam/model", "config": json.dumps(config)}, "1 shape mismatches")]:
         save_file(data, str(tmp_path / f"{name}.safetensors"), metadata=meta)
         with pytest.raises(ValueError, match=msg):
             ClipSam.load(tmp_path / f"{name}.safetensors")

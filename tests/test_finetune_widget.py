@@ -266,16 +266,22 @@ def test_train_and_load_adapter_act_on_the_model_loaded_before_them(make_napari_
     panel.text_edit.setText("nucleus")
     assert panel.add_example() is not None
     session = panel.session
-    for action in ("train", "load_adapter"):
+
+    def queue_a_model_load() -> Segmenter:
         new = Segmenter(_model())
-        session.jobs.submit("load", lambda report, new=new: new, lambda seg: session.set_segmenter(seg, "new"))
-        if action == "train":
-            panel.train(_quick(2))
-        else:
-            panel.load_adapter(adapter)
-        _wait(qtbot, panel)
-        assert session.segmenter is new and getattr(new.model, ADAPTER_ATTR, None) is not None, action
-        assert getattr(old, ADAPTER_ATTR, None) is None, action
-        if action == "train":
-            adapter = panel.save_adapter(tmp_path / "a.safetensors")
-            assert adapter is not None
+        session.jobs.submit("load", lambda report: new, lambda seg: session.set_segmenter(seg, "new"))
+        return new
+
+    new = queue_a_model_load()
+    panel.train(_quick(2))
+    _wait(qtbot, panel)
+    assert session.segmenter is new and getattr(new.model, ADAPTER_ATTR, None) is not None
+    assert getattr(old, ADAPTER_ATTR, None) is None
+    adapter = panel.save_adapter(tmp_path / "a.safetensors")
+    assert adapter is not None
+
+    new = queue_a_model_load()
+    panel.load_adapter(adapter)
+    _wait(qtbot, panel)
+    assert session.segmenter is new and getattr(new.model, ADAPTER_ATTR, None) is not None
+    assert getattr(old, ADAPTER_ATTR, None) is None

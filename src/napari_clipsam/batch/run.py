@@ -152,6 +152,9 @@ def _ship(client, spec: ModelSpec, ship: str) -> None:
 def _kind(shape: tuple[int, ...], volume: bool, channel_axis: int | None) -> str:
     nd = len(shape)
     spatial = nd - (1 if channel_axis is not None else 0)
+    if volume and looks_rgb(shape, channel_axis):
+        raise ValueError(f"shape {shape}: a (Y, X, 3|4) image is RGB, not a volume: segment it "
+                         "without volume=True (--3d)")
     if volume and spatial == 3:
         return "3d"
     if spatial == 2 or looks_rgb(shape, channel_axis):
@@ -291,9 +294,6 @@ def segment_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike, outpu
             try:
                 with lazy_array(r.input) as arr:
                     shape = tuple(arr.shape)
-                if volume and looks_rgb(shape, channel_axis):
-                    raise ValueError(f"shape {shape}: a (Y, X, 3|4) image is RGB, not a volume: segment it "
-                                     "without volume=True (--3d)")
                 kind = _kind(shape, volume, channel_axis)
             except ValueError as err:
                 r.status, r.message = "failed", str(err)

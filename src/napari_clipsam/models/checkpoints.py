@@ -121,10 +121,9 @@ def _as_state_dict(obj: Any, path: PathLike, what: str) -> dict[str, torch.Tenso
     return sd
 
 
-def mismatch_summary(
-    expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], n_examples: int = 5
-) -> str | None:
-    """Readable summary of missing, unexpected and wrongly shaped keys, or ``None`` if they match."""
+def _mismatches(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]
+                ) -> tuple[list[str], list[str], list[str]]:
+    """(missing keys, unexpected keys, "key: file shape vs model shape" for wrongly shaped ones)."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     shapes = [
@@ -132,6 +131,14 @@ def mismatch_summary(
         for k in expected
         if k in found and tuple(found[k].shape) != tuple(expected[k].shape)
     ]
+    return missing, unexpected, shapes
+
+
+def mismatch_summary(
+    expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], n_examples: int = 5
+) -> str | None:
+    """Readable summary of missing, unexpected and wrongly shaped keys, or ``None`` if they match."""
+    missing, unexpected, shapes = _mismatches(expected, found)
     if not (missing or unexpected or shapes):
         return None
 
@@ -230,8 +237,7 @@ def _unreadable_sam(sd: Mapping[str, torch.Tensor], path: PathLike, what: str) -
     for name in SAM_CONFIGS:
         with torch.device("meta"):
             expected = build_sam(name).state_dict()
-        n_bad = sum(k not in sd or tuple(sd[k].shape) != tuple(v.shape) for k, v in expected.items())
-        problems[name] = (n_bad + sum(k not in expected for k in sd), mismatch_summary(expected, sd))
+        problems[name] = (sum(map(len, _mismatches(expected, sd))), mismatch_summary(expected, sd))
     closest = min(problems, key=lambda n: problems[n][0])
     return CheckpointError(f"{what} {path} is an incomplete or damaged SAM checkpoint: against the closest "
                            f"architecture, {closest!r}, it has {problems[closest][1]}")

@@ -523,12 +523,11 @@ class ClipSam(nn.Module):
                              "ClipSam.save, or by a version that wrote another config") from None
         ref = model.state_dict()
         state = {k: v.to(ref[k].dtype) if k in ref else v for k, v in state.items()}
-        missing = [k for k in ref if k not in state]
-        unexpected = [k for k in state if k not in ref]
-        shapes = [k for k in ref if k in state and state[k].shape != ref[k].shape]
-        if missing or unexpected or shapes:
-            raise ValueError(f"{path} does not match its own config: missing {missing[:5]}, unexpected "
-                             f"{unexpected[:5]}, other shapes {shapes[:5]}")
+        from .checkpoints import mismatch_summary
+
+        problem = mismatch_summary(ref, state)
+        if problem:
+            raise ValueError(f"{path} does not match its own config: {problem}")
         model.load_state_dict(state)
         model.file_metadata = json.loads(meta.get("metadata", "{}"))
         model.source = str(path)

@@ -86,7 +86,7 @@ def base_name(model: ClipSam) -> str:
     name = (model.file_metadata or {}).get("name")
     if name:
         return str(name)
-    if getattr(model, "source", ""):
+    if model.source:
         return Path(model.source).name
     from ..models.checkpoints import sam_arch_name
 
@@ -158,7 +158,7 @@ def save_adapter(path: str | os.PathLike, model: ClipSam, metadata: dict | None 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"adapter files end in .safetensors, got {path.name!r}")
-    if path.exists() and not overwrite:
+    if path.exists() and not overwrite:  # before hashing the base: write_safetensors checks again
         raise FileExistsError(f"{path} exists: choose another name or pass overwrite=True")
     tensors = adapter_tensors(model)
     info = dict(getattr(model, ADAPTER_ATTR))
@@ -183,7 +183,7 @@ def save_adapter(path: str | os.PathLike, model: ClipSam, metadata: dict | None 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "user": metadata or {},
     }
-    write_safetensors(path, tensors, {"format": FORMAT, "adapter": json.dumps(meta, default=str)}, overwrite=True)
+    write_safetensors(path, tensors, {"format": FORMAT, "adapter": json.dumps(meta, default=str)}, overwrite=overwrite)
     log.info("saved adapter %s (%d tensors, %.2f MB)", path, len(tensors), path.stat().st_size / 1e6)
     return path
 

@@ -571,12 +571,12 @@ class SegmentWidget(QWidget):
         asked = src.key  # now: the key reads the layer's data when called
 
         def done(res) -> None:
-            if self._asked_now(src, asked, text, pts, labels, box):  # else a late answer to an older question
+            if self._asked_now(asked, text, pts, labels, box):  # else a late answer to an older question
                 self._set_preview(src, *res)
 
         self.jobs.submit("predict", job, done, coalesce=True)
 
-    def _asked_now(self, src: Source, asked: tuple, text, pts, labels, box) -> bool:
+    def _asked_now(self, asked: tuple, text, pts, labels, box) -> bool:
         """Whether the image (``asked``: its key when the preview was asked for: layer, data,
         slice, channels), the text and the prompts are still what a preview was computed for (its
         layer may have gone, its data been replaced, or the prompts moved since)."""
@@ -584,7 +584,7 @@ class SegmentWidget(QWidget):
             now = self.source()
         except ValueError:
             return False
-        if now is None or now.key != asked or src.layer not in self.viewer.layers or self.text() != text:
+        if now is None or now.key != asked or self.text() != text:
             return False
         if self.mode_combo.currentText() == "text-only":
             return pts is None and box is None
