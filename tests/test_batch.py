@@ -1,6 +1,7 @@
 """Batch segmentation on Dask: same labels as the engine, worker loss, resume, lazy inputs, CLI."""
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import tifffile
 from distributed import WorkerPlugin
 
 from napari_clipsam.batch import segment_files, segment_lazy
-from napari_clipsam.batch.io import SliceStore, expand_inputs, lazy_array, open_lazy, write_labels
+from napari_clipsam.batch.io import SliceStore, expand_inputs, file_kind, lazy_array, open_lazy, write_labels
 from napari_clipsam.data.synthetic import make_image, make_volume
 from napari_clipsam.evaluation import match_instances
 
@@ -326,6 +327,21 @@ def test_cli_scheduler_rejects_fewer_than_one_worker(tmp_path, tiny_model, capsy
                  str(tiny_model), "--scheduler", "threads", "--workers", "0", "-q"]) == 1
     assert "--workers 0: need at least 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shape, volume, axis, expect", [
+    ((32, 32), False, None, "2d"), ((32, 32), True, None, "2d"), ((32, 32, 3), False, None, "2d"),
+    ((4, 32, 32), True, None, "3d"), ((2, 32, 32), False, 0, "2d"), ((4, 2, 32, 32), True, 1, "3d"),
+    ((4, 32, 32), False, None, "add --3d"), ((32, 32, 3), True, None, "is RGB, not a volume"),
+    ((32, 32), False, 2, "channel axis 2 is outside"), ((32, 32), False, -3, "channel axis -3 is outside"),
+    ((2, 4, 32, 32), False, None, "expected (H, W)"), ((32,), False, None, "expected (H, W)"),
+])
+def test_file_kind_decides_2d_3d_or_says_what_to_pass(shape, volume, axis, expect):
+    if expect in ("2d", "3d"):
+        assert file_kind(shape, volume, axis) == expect
+    else:
+        with pytest.raises(ValueError, match=re.escape(expect)):
+            file_kind(shape, volume, axis)
 
 
 def test_rgb_image_as_volume_fails_alone(tmp_path):

@@ -149,6 +149,8 @@ def inputs(tmp_path) -> dict[str, Path]:
     ("no prompt", ["segment", "{img}"], "give --text"),
     ("existing output", ["segment", "{img}", "--text", "nucleus", "-o", "{existing}"], "exists"),
     ("3D without --3d", ["segment", "{vol}", "--text", "nucleus", "-o", "{tmp}/o.tif"], "add --3d"),
+    ("no such channel axis", ["segment", "{img}", "--text", "nucleus", "--channel-axis", "2", "-o", "{tmp}/o.tif"],
+     "channel axis 2 is outside the 2 axes"),
     ("not a TIFF", ["segment", "{junk}", "--text", "nucleus", "-o", "{tmp}/o.tif"], "cannot read"),
     ("bad points", ["segment", "{img}", "--points", "1;2", "-o", "{tmp}/o.tif"], "--points"),
     ("3D clicks without z", ["segment", "{vol}", "--3d", "--points", "5,5", "-o", "{tmp}/o.tif"], "--z"),

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import __version__
 from .batch import io as _io
-from .batch.io import LABELS_SUFFIX, TIFF_SUFFIXES, looks_rgb
+from .batch.io import LABELS_SUFFIX, TIFF_SUFFIXES, file_kind
 from .engine.instances import MIN_SUPPORT, SEED_MODES, TEXT_THRESHOLD
 
 log = logging.getLogger(__name__)
@@ -426,26 +426,10 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
 
 def _input_kind(path: Path, shape: tuple[int, ...], args: argparse.Namespace) -> str:
     """'2d' or '3d' for a TIFF of ``shape``, or :class:`CliError` explaining what to pass."""
-    ca = args.channel_axis
-    nd = len(shape)
-    if ca is not None and not -nd <= ca < nd:
-        raise CliError(f"--channel-axis {ca} is outside {path.name}'s {nd} axes {shape}")
-    spatial = nd - (1 if ca is not None else 0)
-    if args.volume:
-        if looks_rgb(shape, ca):
-            raise CliError(f"{path} has shape {shape}: a (Y, X, 3|4) image is RGB, not a volume: drop --3d")
-        if spatial == 3:
-            return "3d"
-        if spatial == 2:
-            return "2d"
-    else:
-        if spatial == 2 or looks_rgb(shape, ca):
-            return "2d"
-        if spatial == 3:
-            raise CliError(f"{path} is a {nd}D stack {shape}: add --3d to segment it as a volume (Z, Y, X), "
-                           "or --channel-axis for a multichannel 2D image")
-    raise CliError(f"{path} has shape {shape}: expected (H, W), (H, W, 3) or with --3d (Z, Y, X); "
-                   "use --channel-axis for channels")
+    try:
+        return file_kind(shape, args.volume, args.channel_axis)
+    except ValueError as e:
+        raise CliError(f"{path}: {e}") from None
 
 
 def _segment(args: argparse.Namespace) -> int:

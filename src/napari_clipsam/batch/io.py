@@ -40,6 +40,30 @@ def looks_rgb(shape: Sequence[int], channel_axis: int | None = None) -> bool:
     return channel_axis is None and len(shape) == 3 and shape[-1] in (3, 4)
 
 
+def file_kind(shape: Sequence[int], volume: bool, channel_axis: int | None = None) -> str:
+    """``"2d"`` or ``"3d"`` for an image of ``shape``, or ValueError saying what to pass.
+
+    volume: a 3D array (without its channel axis) is (Z, Y, X), not an error; an (H, W, 3|4)
+    image stays RGB either way when no ``channel_axis`` is given.
+    """
+    shape = tuple(int(s) for s in shape)
+    nd = len(shape)
+    if channel_axis is not None and not -nd <= channel_axis < nd:
+        raise ValueError(f"channel axis {channel_axis} is outside the {nd} axes of shape {shape}")
+    spatial = nd - (1 if channel_axis is not None else 0)
+    if volume and looks_rgb(shape, channel_axis):
+        raise ValueError(f"shape {shape}: a (Y, X, 3|4) image is RGB, not a volume: drop --3d (volume=True)")
+    if volume and spatial == 3:
+        return "3d"
+    if spatial == 2 or looks_rgb(shape, channel_axis):
+        return "2d"
+    if spatial == 3:
+        raise ValueError(f"a {nd}D stack {shape}: add --3d (volume=True) to segment it as a volume (Z, Y, X), "
+                         "or give a channel axis (--channel-axis) for a multichannel 2D image")
+    raise ValueError(f"shape {shape}: expected (H, W), (H, W, 3) or, as a volume (--3d), (Z, Y, X); "
+                     "give a channel axis (--channel-axis) for channels")
+
+
 def is_zarr_dir(path: Path) -> bool:
     """A zarr v2/v3 array or group directory (or a folder named ``*.zarr``)."""
     return path.is_dir() and (path.name.endswith(".zarr") or any(

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..engine.instances import TEXT_THRESHOLD
-from .io import lazy_array, looks_rgb, open_lazy
+from .io import file_kind, lazy_array, looks_rgb, open_lazy
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def segment_lazy(data: Any, text: str, *, segmenter=None, model: str | os.PathLi
     ``segment_volume(text=...)`` on the loaded array.
     """
     from ..engine.volume import ZLinker, volume_limits
-    from .run import _kind, _slice_axis
+    from .run import _slice_axis
 
     if isinstance(data, (str, os.PathLike)):  # a file: opened lazily here, closed when done
         options = {k: v for k, v in locals().items() if k in _OPTIONS}
@@ -81,7 +81,7 @@ def segment_lazy(data: Any, text: str, *, segmenter=None, model: str | os.PathLi
     shape = tuple(int(s) for s in arr.shape)
     if volume is None:
         volume = len(shape) - (channel_axis is not None) == 3 and not looks_rgb(shape, channel_axis)
-    kind = _kind(shape, volume, channel_axis)
+    kind = file_kind(shape, volume, channel_axis)
     params = {"threshold": threshold, "min_area": min_area, "min_score": min_score, "seeds": seeds, "channels": channels}
     if kind == "2d":
         spatial = shape[:2] if channel_axis is None else tuple(

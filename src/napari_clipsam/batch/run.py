@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..engine.instances import MIN_SUPPORT, TEXT_THRESHOLD, check_fraction, check_seeds
-from .io import SliceStore, expand_inputs, labels_dtype, lazy_array, looks_rgb, output_for, write_labels
+from .io import SliceStore, expand_inputs, file_kind, labels_dtype, lazy_array, output_for, write_labels
 from .worker import ModelSpec, segment_image_file, segment_slice
 
 log = logging.getLogger(__name__)
@@ -149,22 +149,6 @@ def _ship(client, spec: ModelSpec, ship: str) -> None:
 
 
 # ---- planning ---------------------------------------------------------------------------------
-def _kind(shape: tuple[int, ...], volume: bool, channel_axis: int | None) -> str:
-    nd = len(shape)
-    spatial = nd - (1 if channel_axis is not None else 0)
-    if volume and looks_rgb(shape, channel_axis):
-        raise ValueError(f"shape {shape}: a (Y, X, 3|4) image is RGB, not a volume: segment it "
-                         "without volume=True (--3d)")
-    if volume and spatial == 3:
-        return "3d"
-    if spatial == 2 or looks_rgb(shape, channel_axis):
-        return "2d"
-    if spatial == 3:
-        raise ValueError(f"a {nd}D stack {shape}: pass volume=True (--3d) to segment it as a volume (Z, Y, X), "
-                         "or channel_axis for a multichannel 2D image")
-    raise ValueError(f"shape {shape}: expected (H, W), (H, W, 3) or, as a volume, (Z, Y, X)")
-
-
 def _slice_axis(channel_axis: int | None, ndim: int) -> int | None:
     """A volume's channel axis → the axis in one slice ``volume[z]``."""
     if channel_axis is None:
@@ -294,7 +278,7 @@ def segment_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike, outpu
             try:
                 with lazy_array(r.input) as arr:
                     shape = tuple(arr.shape)
-                kind = _kind(shape, volume, channel_axis)
+                kind = file_kind(shape, volume, channel_axis)
             except ValueError as err:
                 r.status, r.message = "failed", str(err)
                 continue
