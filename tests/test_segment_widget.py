@@ -399,9 +399,17 @@ def test_a_preview_that_comes_back_after_its_image_went_is_dropped(make_napari_v
     assert widget.commit() is None and "second annotations" not in [lay.name for lay in viewer.layers]
     _click(widget, viewer, 90, 110)  # the same while the image's data is replaced
     assert widget.jobs.running == "predict"
+    asked = widget.prompts(widget.source())
     viewer.layers["second"].data = img.T.copy()
     _wait(qtbot, widget)
-    assert widget.preview is None
+    # the old answer is dropped; the new data is embedded and the prompts still there answered on it
+    fresh = Segmenter(widget.session.segmenter.model, tile_size=0)
+    fresh.set_image(img[::-1].copy())
+    old = fresh.predict(*asked)[0]
+    fresh.set_image(img.T.copy())
+    want = fresh.predict(*asked)[0]
+    assert not np.array_equal(want, old)
+    assert widget.preview is not None and np.array_equal(widget.preview, want)
 
 
 def test_adding_a_layer_keeps_the_chosen_image_and_its_preview(make_napari_viewer, qtbot):

@@ -98,6 +98,7 @@ class SegmentWidget(QWidget):
         self.session = session_for(napari_viewer)
         self.jobs = self.session.jobs
         self._embedded: tuple | None = None  # Source.key the segmenter holds
+        self._watched = None  # the image layer whose data events we follow
         self._volumes: dict[tuple, Any] = {}  # NormalizedVolume per (layer, channels)
         self.preview: np.ndarray | None = None  # bool, spatial shape of the image (2D, or 3D with the object)
         self.preview_score: float | None = None
@@ -107,6 +108,7 @@ class SegmentWidget(QWidget):
         self._bind_keys()
         self.session.model_changed.connect(self._on_model_changed)
         self.viewer.dims.events.current_step.connect(self._on_step)
+        self._watch(self.image_combo.value())
         self._on_model_changed()
 
     # ------------------------------------------------------------------------------------------- UI
@@ -386,9 +388,32 @@ class SegmentWidget(QWidget):
     def _on_image_changed(self, *_) -> None:
         if not alive(self):
             return
+        self._watch(self.image_combo.value())
         self.preview = None
         self._show_preview()
         self.prefetch()
+
+    def _watch(self, layer) -> None:
+        """Follow the chosen image layer's data: replaced data is a new image (see :meth:`_on_image_data`)."""
+        if layer is self._watched:
+            return
+        if self._watched is not None:
+            self._watched.events.data.disconnect(self._on_image_data)
+        self._watched = layer
+        if layer is not None:
+            layer.events.data.connect(self._on_image_data)
+
+    def _on_image_data(self, event=None) -> None:
+        """The chosen image's data was replaced: forget its embedding and volume, then embed the new
+        data and recompute the preview from the prompts still there (a propagated object is dropped)."""
+        if not alive(self):
+            return
+        self._embedded = None
+        self._volumes = {}
+        self.preview, self.propagated = None, False
+        self._show_preview()
+        self.prefetch()
+        self.update_preview()
 
     def _on_step(self, event=None) -> None:
         if not alive(self):
