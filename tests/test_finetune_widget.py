@@ -78,11 +78,18 @@ def test_train_cancel_save_load(make_napari_viewer, qtbot, tmp_path):
     assert (tmp_path / "examples" / "examples.json").is_file()
 
     # Cancel: the model is unchanged, bit for bit
+    from test_segment_widget import _errors
+
+    started = []
+    panel.jobs.started.connect(started.append)
     panel.steps_spin.setValue(500)
     panel.train()
     qtbot.waitUntil(lambda: panel.progress.value() >= 1, timeout=120_000)
+    panel.train()  # again while it runs: refused, nothing queued behind it
+    assert "already running" in _errors()[-1]
     panel.cancel()
     _wait(qtbot, panel)
+    assert started.count("train") == 1
     assert panel.result is not None and panel.result.cancelled
     after = _state(model)
     assert after.keys() == base.keys() and all(torch.equal(after[k], base[k]) for k in base)

@@ -338,6 +338,32 @@ def test_large_image_embeds_the_tiles_on_screen_first(make_napari_viewer, qtbot)
     assert len(encoder) == len(seg.tiles)  # each embedded once
 
 
+def test_segment_all_pressed_again_while_it_runs_runs_once(make_napari_viewer, qtbot):
+    """A second press of Segment all for the same image, text and target while the first runs
+    queues nothing (one result layer); another text is another request; once done it runs again."""
+    import torch
+
+    torch.manual_seed(0)
+    viewer = make_napari_viewer()
+    image, _ = _add(viewer, sample_2d())
+    widget = _panel(viewer, qtbot, Segmenter(ClipSam(tiny_config()), tile_size=0))
+    started = []
+    widget.jobs.started.connect(started.append)
+    widget.text_combo.setCurrentText("nucleus")
+    widget.segment_all()
+    widget.segment_all()
+    widget.text_combo.setCurrentText("cell")
+    widget.segment_all()
+    _wait(qtbot, widget)
+    assert started.count("segment_all") == 2
+    results = lambda: sorted(lay.name for lay in viewer.layers if lay.name.startswith(("nucleus (", "cell (")))  # noqa: E731
+    assert results() == [f"cell ({image.name})", f"nucleus ({image.name})"]
+    widget.text_combo.setCurrentText("nucleus")
+    widget.segment_all()
+    _wait(qtbot, widget)
+    assert started.count("segment_all") == 3 and len(results()) == 3
+
+
 def test_segment_all_never_overflows_a_narrow_target(make_napari_viewer, qtbot):
     """Segment all into a uint8 layer whose ids would pass 255: refused before writing, layer untouched."""
     from types import SimpleNamespace

@@ -15,7 +15,7 @@ import threading
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Hashable
 
 import numpy as np
 from qtpy.QtCore import QEvent, QObject, QThreadPool, Signal
@@ -61,6 +61,7 @@ class _Job:
     on_done: Callable[[Any], None] | None
     on_error: Callable[[BaseException], None] | None
     desc: str | None
+    key: Hashable | None = None
 
 
 class Jobs(QObject):
@@ -69,7 +70,8 @@ class Jobs(QObject):
     ``submit(name, fn, on_done)``: ``fn(report)`` runs in a worker thread; ``on_done(result)`` in
     the main thread. With ``coalesce`` a job still waiting under the same name is replaced (the
     latest prompt wins). ``desc`` shows a napari progress bar fed by ``report``. Errors are shown
-    as notifications ``"<desc or name>: <message>"`` (and passed to ``on_error``).
+    as notifications ``"<desc or name>: <message>"`` (and passed to ``on_error``). A job with a
+    ``key`` is not queued while one with an equal key runs or waits (:meth:`has`).
     """
 
     progressed = Signal(int, int, str)
@@ -95,16 +97,22 @@ class Jobs(QObject):
         """Name of the running job, or None."""
         return None if self._current is None else self._current.name
 
+    def has(self, key: Hashable) -> bool:
+        """Whether a job submitted with ``key`` is running or waiting."""
+        return any(j is not None and j.key == key for j in (self._current, *self._pending))
+
     def submit(self, name: str, fn: Callable[[Report], Any], on_done: Callable[[Any], None] | None = None,
                on_error: Callable[[BaseException], None] | None = None, desc: str | None = None,
-               coalesce: bool = False) -> None:
-        if self._closed:
-            return
-        job = _Job(name, fn, on_done, on_error, desc)
+               coalesce: bool = False, key: Hashable | None = None) -> bool:
+        """Queue ``fn``; False (nothing queued) when closed or a job with an equal ``key`` is there."""
+        if self._closed or (key is not None and self.has(key)):
+            return False
+        job = _Job(name, fn, on_done, on_error, desc, key)
         if coalesce:
             self._pending = deque(j for j in self._pending if j.name != name)
         self._pending.append(job)
         self._next()
+        return True
 
     def shutdown(self, timeout_ms: int = 60_000) -> None:
         """The viewer is closing: drop waiting jobs, cancel what can be cancelled, wait for the running one."""

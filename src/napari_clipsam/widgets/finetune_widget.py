@@ -410,6 +410,8 @@ class FineTuneWidget(QWidget):
     def train(self, config=None) -> None:
         """Fine-tune the shared model on the examples, in a worker (``config`` overrides the panel's settings)."""
         try:
+            if self.jobs.has("train"):
+                raise ValueError("a training is already running or waiting to start: wait for it or Cancel it")
             self.session.require_segmenter()  # a model to train (the job takes the one current then)
             if not self.examples:
                 raise ValueError("add at least one example (image + corrected labels + text)")
@@ -442,7 +444,7 @@ class FineTuneWidget(QWidget):
                             cancel=self._cancel)
 
         self.jobs.submit("train", job, self._trained, on_error=lambda err: self.status.setText(f"failed: {err}"),
-                         desc="fine-tuning")
+                         desc="fine-tuning", key="train")
 
     def cancel(self) -> None:
         """Stop training at the next step; the model is restored exactly."""

@@ -58,8 +58,14 @@ class Source:
     channels: tuple[int, ...] | None
 
     @property
+    def image(self) -> tuple:
+        """Identifies the whole image or volume (layer, its data, channels), read when called."""
+        return (id(self.layer), id(self.layer.data), self.channel_axis, self.channels)
+
+    @property
     def key(self) -> tuple:
-        return (id(self.layer), id(self.layer.data), self.z, self.channel_axis, self.channels)
+        """Identifies what the engine segments: the image and the slice."""
+        return (*self.image, self.z)
 
 
 def _clip_models() -> list[str]:
@@ -359,7 +365,7 @@ class SegmentWidget(QWidget):
     def _volume(self, src: Source):
         from ..engine.volume import NormalizedVolume
 
-        key = (id(src.layer), id(src.layer.data), src.channel_axis, src.channels)
+        key = src.image
         vol = self._volumes.get(key)
         if vol is None:
             data = layer_data(src.layer)  # a lazy layer stays lazy: slices are read when used
@@ -734,6 +740,10 @@ class SegmentWidget(QWidget):
         self._remember_text(text)
         seeds = self.seeds_combo.currentData()
         target = self.target_combo.value()
+        key = ("segment_all", src.image, text, seeds, id(target))
+        if self.jobs.has(key):
+            show_info(f"Segment all '{text}' on {src.layer.name!r} is already running: its result comes as it is done")
+            return
         if target is not None and not self.confirm(f"Add the '{text}' instances to layer {target.name!r}? "
                                                    "Existing labels are kept."):
             return
@@ -760,7 +770,7 @@ class SegmentWidget(QWidget):
             return labels, [int(i) for i in np.unique(labels) if i]
 
         self.jobs.submit("segment_all", job, lambda res: self._write_all(src, text, *res, target),
-                         desc=f"segment all '{text}'")
+                         desc=f"segment all '{text}'", key=key)
 
     def _write_all(self, src: Source, text: str, labels, ids: list[int], target) -> None:
         n = len(ids)
