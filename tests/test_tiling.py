@@ -138,3 +138,16 @@ def test_objects_across_tile_borders_get_exactly_one_label():
     # with its text: the demo learnt every prompt together with a text (a bare box is outside what it saw)
     mask, _ = seg.predict(box=[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], text="nucleus")
     assert iou(mask, straddling[0]) >= 0.5
+
+
+def test_a_halo_near_half_the_tile_warns_how_often_the_image_is_embedded():
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"cover the \(100, 5000\) image 384\.3 times over.*stride of 2 px"):
+        tiles = make_tiles((100, 5000), 64, 31)
+    assert len(tiles) == 46_911
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for halo in (8, 16):  # the default (tile // 8) and the largest halo the warning suggests
+            for shape in ((100, 5000), (65, 65), (1000, 1000), (64, 5000)):
+                make_tiles(shape, 64, halo)

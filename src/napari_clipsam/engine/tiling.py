@@ -13,6 +13,7 @@ least ``merge_iou`` (both tiles see that region), and are merged into one mask.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,10 @@ class Tile:
         return self.window[2] - self.window[0], self.window[3] - self.window[1]
 
 
+#: Tiles covering the image more often than this (a halo near half the tile) warn: each is embedded.
+MAX_OVERLAP = 4.0
+
+
 def _axis(length: int, tile: int, halo: int) -> list[tuple[int, int, int, int]]:
     """(start, stop, core_start, core_stop) along one axis."""
     if length <= tile:
@@ -48,6 +53,13 @@ def make_tiles(shape: tuple[int, int], tile_size: int, halo: int) -> list[Tile]:
     if tile_size < 2 or halo < 0 or tile_size - 2 * halo < 1:
         raise ValueError(f"tile_size={tile_size}, halo={halo}: need tile_size > 2 * halo >= 0")
     rows, cols = _axis(int(shape[0]), tile_size, halo), _axis(int(shape[1]), tile_size, halo)
+    covered = sum(y1 - y0 for y0, y1, _, _ in rows) * sum(x1 - x0 for x0, x1, _, _ in cols)
+    times = covered / max(1, int(shape[0]) * int(shape[1]))
+    if times > MAX_OVERLAP:
+        warnings.warn(f"{len(rows) * len(cols)} tiles of {tile_size} px cover the {tuple(shape)} image "
+                      f"{times:.1f} times over (halo {halo} leaves a stride of {tile_size - 2 * halo} px), "
+                      f"and each tile is embedded: a halo of at most {tile_size // 4} keeps it "
+                      f"at most {MAX_OVERLAP:g} times", stacklevel=2)
     return [Tile((y0, x0, y1, x1), (cy0, cx0, cy1, cx1))
             for y0, y1, cy0, cy1 in rows for x0, x1, cx0, cx1 in cols]
 
