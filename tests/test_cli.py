@@ -378,3 +378,15 @@ def test_finetune_rejects_a_negative_lora_rank(tmp_path, tiny_model, capsys):
                      "--lora-rank", "-1", "--model", str(tiny_model), "-o", str(out), "-q"]) == 1
     assert "--lora-rank -1: need 0 (no LoRA) or more" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_quiet_scheduler_run_prints_nothing_and_log_level_shows_dask(tmp_path, tiny_model):
+    """-q with --scheduler: no output at all on success (Dask's INFO logs followed its own level);
+    --log-level info brings them back."""
+    img = _write(tmp_path / "in" / "a.tif", make_image(HELD_OUT + 40, size=64).image)
+    base = ["segment", img, "--text", "nucleus", "--model", tiny_model, "--scheduler", "threads", "--workers", "1"]
+    res = run_cli(*base, "-o", tmp_path / "a.tif", "-q")
+    assert res.returncode == 0 and res.stdout == "" and res.stderr == "", res.stderr
+    assert (tmp_path / "a.tif").is_file()
+    res = run_cli("--log-level", "info", *base, "-o", tmp_path / "b.tif", "-q")
+    assert res.returncode == 0 and "INFO distributed" in res.stderr
