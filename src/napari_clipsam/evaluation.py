@@ -13,6 +13,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
+from .engine.instances import check_labels, label_overlap
+
 if TYPE_CHECKING:
     from .data.synthetic import SyntheticSample
     from .engine.segmenter import Segmenter
@@ -30,30 +32,29 @@ def mask_iou(a: np.ndarray, b: np.ndarray, empty: float = 1.0) -> float:
 def match_instances(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) -> tuple[int, int, int]:
     """One-to-one matching of instance label images → (true positives, false positives, false negatives).
 
-    A predicted and a ground-truth instance match when their IoU ≥ ``iou_threshold`` (Hungarian
-    assignment maximising IoU).
+    pred, gt: integer label images (0 = background) of the same shape, 2D or 3D. A predicted and
+    a ground-truth instance may match when their IoU ≥ ``iou_threshold`` (in (0, 1]); the
+    Hungarian assignment takes as many such pairs as possible, then the highest total IoU (below
+    0.5 one object can overlap several, and the largest total IoU need not give the most pairs).
     """
-    pred, gt = np.asarray(pred), np.asarray(gt)
+    if not 0 < iou_threshold <= 1:
+        raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
+    pred, gt = check_labels(pred, "predicted labels"), check_labels(gt, "ground-truth labels")
     if pred.shape != gt.shape:
         raise ValueError(f"label images differ in shape: {pred.shape} vs {gt.shape}")
-    p_ids = np.unique(pred[pred > 0])
-    g_ids = np.unique(gt[gt > 0])
+    p_ids, g_ids, iou = label_overlap(pred, gt)
     if len(p_ids) == 0 or len(g_ids) == 0:
         return 0, len(p_ids), len(g_ids)
-    p_idx = np.searchsorted(p_ids, pred[(pred > 0) & (gt > 0)])
-    g_idx = np.searchsorted(g_ids, gt[(pred > 0) & (gt > 0)])
-    inter = np.zeros((len(p_ids), len(g_ids)), np.int64)
-    np.add.at(inter, (p_idx, g_idx), 1)
-    p_area = ndimage.sum_labels(np.ones_like(pred), pred, p_ids)
-    g_area = ndimage.sum_labels(np.ones_like(gt), gt, g_ids)
-    iou = inter / (p_area[:, None] + g_area[None, :] - inter)
-    rows, cols = linear_sum_assignment(-iou)
-    tp = int((iou[rows, cols] >= iou_threshold).sum())
+    ok = iou >= iou_threshold
+    rows, cols = linear_sum_assignment(-(ok + iou / (2 * min(iou.shape))))  # pairs first: the IoU term sums to < 1
+    tp = int(ok[rows, cols].sum())
     return tp, len(p_ids) - tp, len(g_ids) - tp
 
 
 def f1_score(tp: int, fp: int, fn: int) -> float:
     """F1 from counts (1.0 when there is nothing to find and nothing was found)."""
+    if min(tp, fp, fn) < 0:
+        raise ValueError(f"counts must be >= 0, got tp={tp}, fp={fp}, fn={fn}")
     return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
@@ -109,11 +110,17 @@ def evaluate(segmenter: "Segmenter", samples: Sequence["SyntheticSample"], conce
     - ``leakage``: IoU of the concept's text-only mask with each *other* concept's union mask;
     - ``absent_empty_rate``: on images without the concept, the fraction where the text-only mask
       has fewer than ``empty_area`` pixels;
-    - ``instance_f1``: F1@0.5 of ``segment_text`` instances against the concept's instances.
+    - ``instance_f1``: F1@0.5 of ``segment_text`` instances against the concept's instances (on
+      images without the concept, every instance found is a false positive).
     """
     from .data.synthetic import CONCEPTS
 
     concepts = tuple(concepts or CONCEPTS)
+    unknown = [c for c in concepts if c not in CONCEPTS]
+    if unknown:
+        raise ValueError(f"concepts {unknown} are not in the synthetic data: choose from {list(CONCEPTS)}")
+    if points_per_image < 0:
+        raise ValueError(f"points_per_image must be >= 0, got {points_per_image}")
     scores = {c: ConceptScores() for c in concepts}
     for sample in samples:
         segmenter.set_image(sample.image)
@@ -124,6 +131,7 @@ def evaluate(segmenter: "Segmenter", samples: Sequence["SyntheticSample"], conce
             s = scores[c]
             if c not in present:
                 s.absent_empty.append(bool(pred.sum() < empty_area))
+                s.counts[1] += len(res.scores)
                 continue
             s.text_iou.append(mask_iou(pred, sample.semantic_mask(c)))
             gt = sample.instance_labels(c)
@@ -132,7 +140,7 @@ def evaluate(segmenter: "Segmenter", samples: Sequence["SyntheticSample"], conce
             for other in present - {c}:
                 s.leakage.append(mask_iou(pred, sample.semantic_mask(other), empty=0.0))
             ids = np.unique(gt[gt > 0])
-            for k in ids[:: max(1, len(ids) // points_per_image)][:points_per_image]:
+            for k in ids[:: max(1, len(ids) // max(1, points_per_image))][:points_per_image]:
                 target = gt == k
                 mask, _ = segmenter.predict(points=[interior_point(target)], labels=[1], text=c)
                 s.point_iou.append(mask_iou(mask, target))

@@ -39,11 +39,11 @@ def run_segment_cli(args: argparse.Namespace) -> int:
     work = [(i, o) for i, o, do in zip(inputs, outputs, todo) if do]
     if not work:
         return 0
-    import distributed  # noqa: F401  (configures its loggers on import: follow --log-level instead)
+    import distributed  # configures its loggers on import (INFO): they follow --log-level instead
 
     from . import segment_files
 
-    logging.getLogger("distributed").setLevel(logging.getLogger().getEffectiveLevel())
+    logging.getLogger(distributed.__name__).setLevel(logging.getLogger().getEffectiveLevel())
     bar = None
     if not args.quiet:
         from tqdm.auto import tqdm

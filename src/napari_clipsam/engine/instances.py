@@ -271,13 +271,26 @@ def paint_labels(inst: Instances, shape: tuple[int, int], min_area: int = 1,
     return labels, scores
 
 
+def check_labels(labels, name: str = "labels") -> np.ndarray:
+    """``labels`` as an array of instance ids: integer (or bool: one object), ≥ 0, 0 = background.
+    ValueError naming ``name`` for anything else (a probability map, negative ids)."""
+    arr = np.asarray(labels)
+    if arr.dtype != bool and not np.issubdtype(arr.dtype, np.integer):
+        hint = ("; threshold and label a probability map first, e.g. scipy.ndimage.label(prob > 0.5)[0], "
+                "or convert whole-number ids with .astype(np.uint32)") if np.issubdtype(arr.dtype, np.floating) else ""
+        raise ValueError(f"{name} must be integer instance labels (0 = background), got dtype {arr.dtype}{hint}")
+    if np.issubdtype(arr.dtype, np.signedinteger) and arr.size and arr.min() < 0:
+        raise ValueError(f"{name} contain negative values ({int(arr.min())}): instance ids must be >= 0 (0 = background)")
+    return arr
+
+
 def label_overlap(a: np.ndarray, b: np.ndarray, metric: str = "iou") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairwise overlap between the ids of two label images of equal shape: ``"iou"``, or
     ``"min"`` = intersection / the smaller area (1 when one object contains the other).
 
     Returns (ids_a (n,), ids_b (m,), overlap (n, m)) over the non-zero ids present in each.
     """
-    a, b = np.asarray(a), np.asarray(b)
+    a, b = check_labels(a, "first labels"), check_labels(b, "second labels")
     if a.shape != b.shape:
         raise ValueError(f"label images must have the same shape to be compared, got {a.shape} and {b.shape}")
     a, b = a.ravel(), b.ravel()
@@ -296,5 +309,5 @@ def label_overlap(a: np.ndarray, b: np.ndarray, metric: str = "iou") -> tuple[np
     return ids_a[ra], ids_b[rb], iou[np.ix_(ra, rb)]
 
 
-__all__ = ["MIN_AREA", "MIN_SCORE", "MIN_SUPPORT", "NMS_IOU", "REGION_MARGIN", "SEED_MODES", "TEXT_THRESHOLD", "Instances", "check_fraction", "check_seeds", "consensus_nms", "label_overlap", "mask_nms",
+__all__ = ["MIN_AREA", "MIN_SCORE", "MIN_SUPPORT", "NMS_IOU", "REGION_MARGIN", "SEED_MODES", "TEXT_THRESHOLD", "Instances", "check_fraction", "check_labels", "check_seeds", "consensus_nms", "label_overlap", "mask_nms",
            "paint_labels"]
