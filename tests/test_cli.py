@@ -390,3 +390,14 @@ def test_quiet_scheduler_run_prints_nothing_and_log_level_shows_dask(tmp_path, t
     assert (tmp_path / "a.tif").is_file()
     res = run_cli("--log-level", "info", *base, "-o", tmp_path / "b.tif", "-q")
     assert res.returncode == 0 and "INFO distributed" in res.stderr
+
+
+def test_bad_log_level_is_a_usage_error_and_a_closed_pipe_is_not_an_error():
+    res = run_cli("--log-level", "verbose", "models", "list")
+    assert res.returncode == 2 and "invalid choice: 'VERBOSE'" in res.stderr and "Traceback" not in res.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NAPARI_CLIPSAM_OFFLINE": "1"}
+    proc = subprocess.Popen([*_cli_argv(), "models", "list", "-v"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    proc.stdout.close()  # like `| head -c 0`: the reader is gone before the table is printed
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0 and err == "", err

@@ -91,6 +91,9 @@ def test_wheel_contains_the_manifest_once(tmp_path):
         assert names.count("napari_clipsam/napari.yaml") == 1
         assert z.read("napari_clipsam/napari.yaml").decode() == (ROOT / "napari.yaml").read_text()
         assert "napari_clipsam/models/registry.py" in names and "napari_clipsam/cli.py" in names
+        assert "napari_clipsam/weights/demo.safetensors" in names
+        licence = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]  # BSD-3 ships its notice
+        assert licence and "BSD 3-Clause" in z.read(licence[0]).decode()
         eps = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     assert "[napari.manifest]\nnapari-clipsam = napari_clipsam:napari.yaml" in eps
     assert "napari-clipsam = napari_clipsam.cli:main" in eps

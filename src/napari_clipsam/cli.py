@@ -789,7 +789,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment microscopy by text and clicks with a CLIP-conditioned SAM.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                        help="logging level (default: WARNING)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(subparsers)
@@ -800,11 +802,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 error, 2 usage error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     from .models.registry import CheckpointError, ModelDownloadError
 
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader stopped early (`| head`): nothing more to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (CliError, ModelDownloadError, CheckpointError, ValueError, OSError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"napari-clipsam: error: {message}", file=sys.stderr)
