@@ -7,7 +7,7 @@ from engine_helpers import iou
 
 from napari_clipsam.data.synthetic import make_volume
 from napari_clipsam.engine.segmenter import Segmenter
-from napari_clipsam.engine.volume import NormalizedVolume, ZLinker, mask_prompts
+from napari_clipsam.engine.volume import NormalizedVolume, ZLinker, mask_prompts, propagate
 from napari_clipsam.evaluation import interior_point
 from napari_clipsam.models.clipsam import ClipSam, tiny_config
 
@@ -158,3 +158,67 @@ def test_interior_point_counts_the_image_border_as_outside():
     for bad in (np.zeros((5, 5), bool), np.ones((2, 5, 5), bool)):
         with pytest.raises(ValueError, match="non-empty 2D mask"):
             interior_point(bad)
+
+
+class _Recorder:
+    """A lazy array (like zarr) that records what is read."""
+
+    def __init__(self, data):
+        self.data, self.reads = data, []
+        self.shape, self.ndim, self.size, self.dtype = data.shape, data.ndim, data.size, data.dtype
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self.data[key]
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_a_lazy_multichannel_volume_is_read_slice_by_slice_with_channels_anywhere(axis):
+    rng = np.random.default_rng(1)
+    last = (rng.random((5, 12, 14, 2)) * 1000).astype(np.uint16)  # (Z, Y, X, C)
+    stored = np.moveaxis(last, -1, axis)
+    lazy = _Recorder(stored)
+    nv, ref = NormalizedVolume(lazy, channel_axis=axis), NormalizedVolume(last, channel_axis=-1)
+    assert nv.shape == ref.shape == (5, 12, 14) and len(nv) == 5
+    assert np.array_equal(nv.limits, ref.limits)
+    lazy.reads.clear()
+    assert all(np.array_equal(nv[z], ref[z]) for z in range(5))
+    assert len(lazy.reads) == 5 and all(np.asarray(lazy[k]).shape in ((12, 14, 2), (2, 12, 14), (12, 2, 14))
+                                        for k in lazy.reads[:5])  # one slice per read, never the whole volume
+    with pytest.raises(ValueError, match="outside the volume's 4 axes"):
+        NormalizedVolume(stored, channel_axis=5)
+
+
+def test_volume_arguments_are_checked_and_progress_completes():
+    vol = np.zeros((4, 20, 20), np.uint16)
+    vol[:, 5:12, 5:12] = 1000
+    torch.manual_seed(0)
+    seg = Segmenter(ClipSam(tiny_config()))
+    for kw, msg in [(dict(z=1.5), "slice index"), (dict(z="2"), "slice index"), (dict(z=True), "slice index"),
+                    (dict(z=1, min_score=5.0), "min_score"), (dict(z=1, min_iou=-3), "min_iou"),
+                    (dict(z=1, min_area=-1), "min_area")]:
+        with pytest.raises(ValueError, match=msg):
+            propagate(seg, vol, points=[[8, 8]], labels=[1], **kw)
+    with pytest.raises(ValueError, match="drop z"):
+        seg.segment_volume(vol, z=1, text="nucleus")
+    calls = []
+    propagate(seg, vol, np.int64(1), points=[[8, 8]], labels=[1], min_score=0.99, progress=lambda *a: calls.append(a))
+    assert calls[-1][:2] == (4, 4)  # ends at the total even where the object stopped early
+    with pytest.raises(ValueError, match="ids 1..K with a score"):
+        ZLinker().link(np.array([[0, 1], [5, 5]]), {1: 0.9, 2: 0.8})
+    with pytest.raises(ValueError, match="ids 1..K with a score"):
+        ZLinker().link(np.array([[0, 1], [2, 2]]), {1: 0.9})
+    with pytest.raises(ValueError, match="negative"):
+        ZLinker().link(np.array([[0, -1], [1, 1]]), {1: 0.9})
+
+
+def test_a_constant_slice_of_a_volume_is_blank_like_a_constant_image():
+    vol = make_volume(4, shape=(3, 64, 64), concepts=("nucleus",), counts={"nucleus": 3}, p_absent=0.0).image
+    vol = vol.astype(np.float32)
+    vol[1] = np.percentile(vol, 60)  # flat grey with the volume's limits
+    torch.manual_seed(0)
+    seg = Segmenter(ClipSam(tiny_config()))
+    res = seg.segment_volume(vol, text="nucleus", min_score=0.0, min_area=1)
+    assert not res.labels[1].any() and res.slice_scores[1] == 0
+    seg.set_image(vol[1])  # the same as a 2D image: normalised to zeros, nothing found
+    assert not seg.segment_text("nucleus", min_score=0.0, min_area=1).labels.any()

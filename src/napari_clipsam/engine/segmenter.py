@@ -282,7 +282,7 @@ class Segmenter:
             raise ValueError(f"normalised image must be (H, W, 3), got {image01.shape}")
         self.reset_image()
         self._image = image01
-        self._blank = not bool(image01.any())
+        self._blank = bool(image01.min() == image01.max())  # constant (e.g. flat grey with a volume's limits)
         self._hash = digest(image01)
         s = self.model.img_size
         self._views = [_View(t, frame_for(t.shape, s), digest(self._hash, t.window, s))

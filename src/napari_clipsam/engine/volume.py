@@ -26,7 +26,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from ..evaluation import interior_point
-from .instances import label_overlap
+from .instances import check_fraction, check_labels, label_overlap
 from .preprocess import _channels_last, channel_limits, normalize_image
 
 if TYPE_CHECKING:
@@ -51,9 +51,10 @@ def volume_limits(volume, channel_axis: int | None = None, channels: Sequence[in
     """Per-channel (C, 2) intensity limits of a (Z, Y, X[, C]) volume from at most ~16 evenly
     spread slices; ``volume`` only needs ``shape`` and ``volume[z]`` (a lazy zarr/dask array works:
     only the sampled slices are read). ``channel_axis`` is the axis of a slice ``volume[z]``."""
-    nz = int(volume.shape[0])
+    nz = len(volume) if isinstance(volume, NormalizedVolume) else int(volume.shape[0])
+    read = volume.raw if isinstance(volume, NormalizedVolume) else lambda z: np.asarray(volume[z])
     step = max(1, nz // 16)
-    sample = np.stack([_channels_last(np.asarray(volume[z]), channel_axis, channels) for z in range(0, nz, step)])
+    sample = np.stack([_channels_last(read(z), channel_axis, channels) for z in range(0, nz, step)])
     limits = channel_limits(sample, percentiles)
     if np.isnan(limits).all():
         raise ValueError("volume is all NaN")
@@ -70,6 +71,10 @@ def link_slice(prev: np.ndarray | None, labels: np.ndarray, scores: dict[int, fl
     id, the others get new ids from ``next_id``. Returns (lut (K+1,) uint32 mapping slice ids to
     3D ids, next free id).
     """
+    ids = np.unique(check_labels(labels, "slice labels"))
+    if set(scores) != set(range(1, len(scores) + 1)) or not set(ids[ids > 0].tolist()) <= set(scores):
+        raise ValueError(f"slice labels must hold ids 1..K with a score for each id: scores have ids "
+                         f"{sorted(scores)[:8]}, the labels {ids[ids > 0][:8].tolist()}")
     lut = np.zeros(len(scores) + 1, np.uint32)
     taken: set[int] = set()
     if prev is not None and scores and prev.any():
@@ -98,27 +103,40 @@ class NormalizedVolume:
         vol = volume if lazy else np.asarray(volume)
         if vol.size == 0:
             raise ValueError(f"volume is empty (shape {vol.shape})")
+        self._z_axis = 0
         if channel_axis is not None:
             if vol.ndim != 4:
                 raise ValueError(f"channel_axis={channel_axis} needs a 4D volume (Z, Y, X, C), got shape {vol.shape}")
-            vol = np.moveaxis(vol, channel_axis, -1)
+            if not -4 <= channel_axis < 4:
+                raise ValueError(f"channel_axis={channel_axis} is outside the volume's 4 axes {tuple(vol.shape)}")
+            ca = channel_axis % 4
+            self._z_axis = 1 if ca == 0 else 0  # (C, Z, Y, X): slices are vol[:, z]
+            channel_axis = 0 if ca == 0 else ca - 1  # the channel axis of one slice
         elif vol.ndim != 3:
             raise ValueError(f"expected a (Z, Y, X) volume, got shape {vol.shape}: pass channel_axis= for a "
                              "multichannel (Z, Y, X, C) volume, or set_image for a 2D image")
-        self.volume = vol
-        self.channel_axis = -1 if channel_axis is not None else None
+        self.volume = vol  # as given: a lazy array is read one slice at a time (see raw)
+        self.channel_axis = channel_axis
         self.channels = channels
-        self.limits = volume_limits(vol, self.channel_axis, channels, percentiles)
+        self.limits = volume_limits(self, channel_axis, channels, percentiles)
 
     def __len__(self) -> int:
-        return len(self.volume)
+        return int(self.volume.shape[self._z_axis])
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.volume.shape[:3])
+        """(Z, Y, X): the spatial shape."""
+        spatial = [int(n) for i, n in enumerate(self.volume.shape) if i != self._z_axis]
+        if self.channel_axis is not None:
+            del spatial[self.channel_axis]
+        return (len(self), *spatial)
+
+    def raw(self, z: int) -> np.ndarray:
+        """Slice ``z`` as stored (channels where they are in a slice), read from a lazy array."""
+        return np.asarray(self.volume[(slice(None),) * self._z_axis + (z,)])
 
     def __getitem__(self, z: int) -> np.ndarray:
-        return normalize_image(self.volume[z], self.channel_axis, self.channels, limits=self.limits)
+        return normalize_image(self.raw(z), self.channel_axis, self.channels, limits=self.limits)
 
 
 def _report(progress, done: int, total: int, message: str) -> None:
@@ -152,11 +170,16 @@ def propagate(seg: "Segmenter", volume: np.ndarray | NormalizedVolume, z: int, p
     object moves little between slices; this keeps the decoder from jumping to a neighbour).
     Returns labels with the object as id 1 and per-slice scores (NaN where it is absent).
     """
+    if isinstance(z, bool) or not isinstance(z, (int, np.integer)):
+        raise ValueError(f"z must be a slice index (an integer), got {z!r}")
+    min_score, min_iou = check_fraction(min_score, "min_score"), check_fraction(min_iou, "min_iou")
+    if min_area < 0 or max_shift < 0:
+        raise ValueError(f"min_area and max_shift must be >= 0, got {min_area} and {max_shift}")
     vol = volume if isinstance(volume, NormalizedVolume) else NormalizedVolume(volume)
     nz = len(vol)
     if not -nz <= z < nz:
         raise ValueError(f"z={z} is outside the volume's {nz} slices")
-    z = z % nz
+    z = int(z) % nz
     progress = progress or seg.progress
     out = np.zeros(vol.shape, np.uint32)
     slice_scores = np.full(nz, np.nan, np.float32)
@@ -166,6 +189,7 @@ def propagate(seg: "Segmenter", volume: np.ndarray | NormalizedVolume, z: int, p
     _report(progress, done, nz, "propagate")
     if not mask.any():
         log.info("propagate: the prompts give an empty mask on slice %d", z)
+        _report(progress, nz, nz, "propagate")
         return VolumeSegmentation(out, {}, slice_scores)
     out[z][mask] = 1
     slice_scores[z] = score
@@ -188,6 +212,7 @@ def propagate(seg: "Segmenter", volume: np.ndarray | NormalizedVolume, z: int, p
             slice_scores[k] = sc
             prev = cur
             k += step
+    _report(progress, nz, nz, "propagate")  # the slices past where the object ended are done too
     return VolumeSegmentation(out, {1: float(np.nanmean(slice_scores))}, slice_scores)
 
 
@@ -256,6 +281,9 @@ def segment_volume(seg: "Segmenter", volume: np.ndarray, z: int | None = None, p
         raise ValueError("labels given without points")
     if text is None:
         raise ValueError("segment_volume needs points/box on a slice z, or a text")
+    if z is not None:
+        raise ValueError(f"z={z!r} is the slice of points/box; with a text alone every slice is segmented: drop z, "
+                         "or use propagate(seg, volume, z, text=...) to follow the text's object from slice z")
     return link_text(seg, vol, text, **kwargs)
 
 

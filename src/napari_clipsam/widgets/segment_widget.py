@@ -368,11 +368,8 @@ class SegmentWidget(QWidget):
         key = src.image
         vol = self._volumes.get(key)
         if vol is None:
-            data = layer_data(src.layer)  # a lazy layer stays lazy: slices are read when used
-            axis = src.channel_axis
-            if axis is not None and axis % data.ndim == 0:  # (C, Z, Y, X): channel first
-                data, axis = np.moveaxis(data, 0, -1), -1
-            vol = NormalizedVolume(data, axis, src.channels)
+            # a lazy layer stays lazy (slices are read when used), also with channels first (C, Z, Y, X)
+            vol = NormalizedVolume(layer_data(src.layer), src.channel_axis, src.channels)
             self._volumes = {key: vol}
         return vol
 
