@@ -54,3 +54,18 @@ def test_frame_roundtrip():
     np.testing.assert_allclose(frame.to_input([[100, 50]]), [[64, 32]])
     p = mask_to_prompt(img[..., 0] > 0, frame_for((50, 100), 64), 16)
     assert p.shape == (1, 1, 16, 16) and p.max() > 0 and p.min() < 0
+
+
+def test_wide_integers_and_huge_floats_keep_their_variation():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 4000, (32, 40))
+    want = normalize_image(base.astype(np.uint16))
+    for image in (base.astype(np.int64) + 2**40, base.astype(np.uint32) + 2**30):  # float32 would drop the low bits
+        out = normalize_image(image)
+        assert out.dtype == np.float32 and np.allclose(out, want, atol=1e-6)
+    huge = normalize_image(base.astype(np.float64) * 1e36)  # beyond float32's range (was all NaN / zeros)
+    assert np.allclose(huge, want, atol=1e-6)
+    from napari_clipsam.engine.volume import NormalizedVolume
+
+    vol = np.stack([base, base // 2]).astype(np.float64) * 1e36
+    assert np.allclose(NormalizedVolume(vol)[0], NormalizedVolume(np.stack([base, base // 2]))[0], atol=1e-6)

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 
 def _channels_last(image: np.ndarray, channel_axis: int | None, channels: Sequence[int] | None) -> np.ndarray:
-    """Validate a 2D image and bring it to (H, W, C) float32 with the chosen channels."""
+    """Validate a 2D image and bring it to (H, W, C) float with the chosen channels: float32, or
+    float64 for 32/64-bit integers and float64 (float32 would drop their low bits or overflow)."""
     arr = np.asarray(image)
     if arr.size == 0:
         raise ValueError(f"image is empty (shape {arr.shape})")
@@ -39,7 +40,8 @@ def _channels_last(image: np.ndarray, channel_axis: int | None, channels: Sequen
         arr = arr[..., None]
     if min(arr.shape[:2]) < 2:
         raise ValueError(f"image is too small: {arr.shape[:2]}")
-    arr = arr.astype(np.float32)
+    wide = arr.dtype.itemsize >= 8 or (np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize == 4)
+    arr = arr.astype(np.float64 if wide else np.float32)
     if channels is not None:
         channels = list(channels)
         if not 1 <= len(channels) <= 3 or any(not 0 <= c < arr.shape[-1] for c in channels):
@@ -95,7 +97,7 @@ def normalize_image(
     limits = np.asarray(limits, np.float64).reshape(-1, 2)
     if len(limits) != arr.shape[-1]:
         raise ValueError(f"limits has {len(limits)} rows for {arr.shape[-1]} channels")
-    out = np.zeros_like(arr)
+    out = np.zeros(arr.shape, np.float32)
     for c, (lo, hi) in enumerate(limits):
         if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
             continue
