@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_clipsam.engine.preprocess import (frame_for, mask_to_prompt, normalize_image, postprocess_logits,
+from napari_clipsam.engine.preprocess import (PAD_FILL, frame_for, mask_to_prompt, normalize_image, postprocess_logits,
                                               to_model_input)
 
 
@@ -45,7 +45,15 @@ def test_frame_roundtrip():
     img[10:20, 30:60] = 1
     t, frame = to_model_input(img, 64)
     assert t.shape == (3, 64, 64) and frame.resized == (32, 64)
-    assert t[:, 32:].abs().sum() == 0  # padding
+    # padding: SAM's pixel mean, which SAM's own normalisation turns into 0 (black read as an edge)
+    assert torch.equal(t[:, 32:], torch.tensor(PAD_FILL).view(3, 1, 1).expand(3, 32, 64))
+    from napari_clipsam.models.clipsam import ClipSam, tiny_config
+
+    model = ClipSam(tiny_config())
+    assert model.pad_fill == pytest.approx(PAD_FILL)
+    normalised = (t[None] * 255 - model.sam.pixel_mean) / model.sam.pixel_std
+    assert normalised[..., 32:, :].abs().max() < 1e-5
+    assert to_model_input(img, 64, (0, 0, 0))[0][:, 32:].abs().sum() == 0
     low = torch.from_numpy(np.where(t[0].numpy() > 0.5, 10.0, -10.0)).float()[None, None]
     back = postprocess_logits(low, frame)[0, 0] > 0
     assert back.shape == (50, 100)

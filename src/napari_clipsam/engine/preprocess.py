@@ -138,14 +138,20 @@ def frame_for(shape: tuple[int, int], size: int) -> Frame:
     return Frame((h, w), (max(1, int(round(h * scale))), max(1, int(round(w * scale)))), size)
 
 
-def to_model_input(image01: np.ndarray, size: int) -> tuple[torch.Tensor, Frame]:
-    """(H, W, 3) [0, 1] → ((3, S, S) tensor, frame)."""
+#: SAM's pixel mean in [0, 1]: the padding of a non-square input (what SAM's zero padding after
+#: its pixel normalisation is; black padding reads as an edge, and objects were found along it).
+PAD_FILL: tuple[float, float, float] = (123.675 / 255, 116.28 / 255, 103.53 / 255)
+
+
+def to_model_input(image01: np.ndarray, size: int, fill: Sequence[float] = PAD_FILL) -> tuple[torch.Tensor, Frame]:
+    """(H, W, 3) [0, 1] → ((3, S, S) tensor, frame): resized, padded bottom/right with ``fill``
+    (per channel; the model's pixel mean, ``ClipSam.pad_fill``, so that padding is neutral)."""
     frame = frame_for(image01.shape[:2], size)
     t = torch.from_numpy(np.ascontiguousarray(image01, dtype=np.float32)).permute(2, 0, 1)[None]
     if frame.resized != frame.original:
         t = F.interpolate(t, size=frame.resized, mode="bilinear", align_corners=False,
                           antialias=frame.resized[0] < frame.original[0])
-    out = torch.zeros(1, 3, size, size)
+    out = torch.tensor(fill, dtype=torch.float32).view(1, 3, 1, 1).repeat(1, 1, size, size)
     out[..., : frame.resized[0], : frame.resized[1]] = t
     return out[0], frame
 

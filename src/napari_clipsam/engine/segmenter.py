@@ -145,7 +145,8 @@ class Segmenter:
         self.tile_size = tile_size
         self.halo = halo
         self.progress = progress
-        cfg = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+        # the input's padding is part of what an embedding depends on (it was black before 0.1.1)
+        cfg = json.dumps(model.config.to_dict(), sort_keys=True, default=str) + f"|pad={model.pad_fill}"
         self._fingerprints = PartFingerprints(model, {
             "features": (lambda n: not n.startswith(_DECODER_PARTS + ("conditioning.",)),
                          f"{cfg}|prefix={model.prefix_blocks}"),
@@ -321,7 +322,7 @@ class Segmenter:
     # ---- embeddings ---------------------------------------------------------------------------
     def _input(self, view: _View) -> torch.Tensor:
         y0, x0, y1, x1 = view.tile.window
-        t, _ = to_model_input(self._image[y0:y1, x0:x1], self.model.img_size)
+        t, _ = to_model_input(self._image[y0:y1, x0:x1], self.model.img_size, self.model.pad_fill)
         return t[None].to(self.device)
 
     def _cached(self, key: str, compute: Callable[[], ImageFeatures | Encoded]) -> dict[str, torch.Tensor]:

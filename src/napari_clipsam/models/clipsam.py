@@ -197,6 +197,11 @@ class ClipSam(nn.Module):
         return self.config.sam.img_size
 
     @property
+    def pad_fill(self) -> tuple[float, float, float]:
+        """The [0, 1] value padding a non-square input: SAM's pixel mean (0 once normalised)."""
+        return tuple(v / 255.0 for v in self.config.sam.pixel_mean)
+
+    @property
     def embed_size(self) -> int:
         return self.config.sam.embed_size
 
