@@ -157,3 +157,83 @@ def test_training_a_loaded_adapter_further_keeps_its_lora_settings(tmp_path, cap
     load_adapter(mine, fresh)
     assert torch.equal(_masks(fresh, images)[0], _masks(m, images)[0])
     assert not torch.equal(_masks(fresh, images)[0], _masks(first, images)[0])  # the second run trained
+
+
+def _flags(m):
+    return ({n: p.requires_grad for n, p in m.named_parameters()}, {n: x.training for n, x in m.named_modules()})
+
+
+def _damaged(src, dst, drop_lora=False):
+    """A copy of an adapter file with a valid checksum but a damaged strategy tensor or a LoRA factor missing."""
+    import json
+
+    from napari_clipsam.models.checkpoints import write_safetensors
+    from napari_clipsam.training.adapter_file import FORMAT, weights_digest
+
+    meta, tensors = read_adapter(src)
+    if drop_lora:
+        tensors.pop(next(k for k in tensors if "lora_A" in k))
+    else:
+        tensors[next(k for k in tensors if k.startswith("conditioning."))] = torch.zeros(3, 3)
+    meta["weights_sha256"] = weights_digest(tensors)
+    write_safetensors(dst, tensors, {"format": FORMAT, "adapter": json.dumps(meta)})
+    return dst
+
+
+def test_a_failed_load_leaves_the_loaded_adapter_exactly_as_it_was(tmp_path):
+    """The model carries adapter A (rank 8, block 1); loading a damaged B (rank 4, all blocks) fails
+    after A's LoRA layers were swapped for B's: A comes back, weights, flags and all."""
+    a = _model()
+    finetune(a, _examples(), FineTuneConfig(steps=2, lora_rank=8, lora_dropout=0.1))
+    save_adapter(tmp_path / "a.safetensors", a)
+    b = _model()
+    finetune(b, _examples(), FineTuneConfig(steps=2, lora_rank=4, lora_blocks="all"))
+    save_adapter(tmp_path / "b.safetensors", b)
+    for bad, error in ((_damaged(tmp_path / "b.safetensors", tmp_path / "b_bad.safetensors"), "do not fit"),
+                       (_damaged(tmp_path / "b.safetensors", tmp_path / "b_nolora.safetensors", True), "LoRA weights missing")):
+        m = _model()
+        load_adapter(tmp_path / "a.safetensors", m)
+        state, flags, blocks = _state(m), _flags(m), lora_blocks_of(m)
+        with pytest.raises(ValueError, match=error):
+            load_adapter(bad, m)
+        assert _same(_state(m), state) and _flags(m) == flags and lora_blocks_of(m) == blocks
+        assert not any(p.requires_grad for p in m.parameters())
+
+
+def test_merging_lora_ends_the_adapter_and_the_base_fingerprint_sees_it(tmp_path):
+    from napari_clipsam.training import merge_lora
+
+    m = _model()
+    finetune(m, _examples(), FineTuneConfig(steps=2))
+    torch.nn.init.normal_(next(iter(m.conditioning.parameters())))  # not the base any more either way
+    with torch.no_grad():
+        for name, t in m.state_dict(keep_vars=True).items():
+            if name.endswith("lora_B.default.weight"):
+                t.data.normal_()  # a LoRA update that changes the weights once merged
+    save_adapter(tmp_path / "a.safetensors", m)
+    before = base_fingerprint(m)
+    merge_lora(m)
+    assert base_fingerprint(m) != before  # peft merges through .data: no version counter moves
+    assert getattr(m, "clipsam_adapter", None) is None
+    with pytest.raises(ValueError, match="no fine-tuned adapter"):
+        save_adapter(tmp_path / "b.safetensors", m)
+    with pytest.raises(AdapterMismatchError):  # applying it again would add the update twice
+        load_adapter(tmp_path / "a.safetensors", m)
+    edited = _model()
+    base_fingerprint(edited)
+    edited.sam.image_encoder.patch_embed.proj.weight.data.mul_(2)
+    assert base_fingerprint(edited) != base_fingerprint(_model())
+
+
+def test_an_adapter_without_decoder_or_strategy_needs_the_base_ones(tmp_path):
+    m = _model()
+    finetune(m, _examples(), FineTuneConfig(steps=2, train_conditioning=False))
+    save_adapter(tmp_path / "a.safetensors", m)
+    load_adapter(tmp_path / "a.safetensors", _model())  # the same base: fine
+    meta = read_adapter(tmp_path / "a.safetensors")[0]
+    assert not meta["train_conditioning"] and meta["train_decoder"] and meta["base"]["uncarried_sha256"]
+    other = _model()
+    with torch.no_grad():
+        next(iter(other.conditioning.parameters())).add_(1.0)  # same encoder and CLIP, another strategy
+    with pytest.raises(AdapterMismatchError, match="does not carry the strategy weights"):
+        load_adapter(tmp_path / "a.safetensors", other)

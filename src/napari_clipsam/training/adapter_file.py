@@ -12,7 +12,9 @@ changes — SAM's image encoder (LoRA layers read through to their original ``qk
 encoder and the CLIP model — plus the SAM/CLIP configs. It is the same before and after
 fine-tuning or loading an adapter, and differs between bases (official SAM vs micro-sam vs the
 demo). The mask decoder is not part of it (adapters may replace it). It is cached on the model
-(recomputed if any hashed tensor is modified in place or replaced).
+(recomputed if any hashed tensor is replaced, modified in place, or has one of 8 sampled values
+changed through ``.data``). An adapter that does not carry the strategy or the mask decoder
+records a digest of the base's ones (``base.uncarried_sha256``): they must match on load.
 
 Files are written atomically (temp file + rename) and never overwrite an existing file unless
 ``overwrite=True``.
@@ -64,7 +66,9 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 def base_fingerprint(model: ClipSam) -> str:
     """Hex fingerprint (32 chars) of the model's frozen base weights and shapes (see module docstring)."""
     tensors = _hashed_tensors(model)
-    key = tuple((n, t.data_ptr(), t._version) for n, t in tensors)
+    # in-place edits through .data (peft's merge) bump no version counter: a few values join the key
+    key = tuple((n, t.data_ptr(), t._version, t.detach().reshape(-1)[:: max(1, t.numel() // 8)][:8].tolist())
+                for n, t in tensors)
     cached = model.__dict__.get(_FP_ATTR)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -113,6 +117,9 @@ def adapter_tensors(model: ClipSam) -> dict[str, torch.Tensor]:
     if info is None:
         raise ValueError("the model carries no fine-tuned adapter: run training.finetune (or load_adapter) first")
     out = {k: v for k, v in lora_state(model).items()}
+    if info.get("lora") and not out:
+        raise ValueError("the model's adapter had LoRA layers that are gone (merged with merge_lora or detached): "
+                         "its weights are now part of the model: save the whole model with ClipSam.save instead")
     if info.get("train_conditioning", True):
         out.update({f"conditioning.{k}": v for k, v in model.conditioning.state_dict().items()})
     if info.get("train_decoder"):
@@ -127,6 +134,19 @@ def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(_tensor_bytes(t))
     return h.hexdigest()
+
+
+def uncarried_digest(model: ClipSam, train_conditioning: bool, train_decoder: bool) -> str | None:
+    """SHA-256 of the base's strategy and/or mask-decoder weights that an adapter trained with
+    these flags does not carry (its results depend on them), or None when it carries both. The
+    base's values are read from a loaded adapter's saved copy where the model carries one."""
+    base = getattr(model, BASE_ATTR, None) or {}
+    parts = {}
+    for prefix, mod, carried in (("conditioning.", model.conditioning, train_conditioning),
+                                 ("sam.mask_decoder.", model.sam.mask_decoder, train_decoder)):
+        if not carried:
+            parts.update({prefix + k: base.get(prefix + k, v) for k, v in mod.state_dict().items()})
+    return weights_digest({k: v.detach().cpu().contiguous() for k, v in parts.items()}) if parts else None
 
 
 def adapter_fingerprint(model: ClipSam) -> str | None:
@@ -166,7 +186,9 @@ def save_adapter(path: str | os.PathLike, model: ClipSam, metadata: dict | None 
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "base": {"name": base_name(model), "fingerprint": info.get("base_fingerprint") or base_fingerprint(model),
-                 "sam": model.config.sam.to_dict()},
+                 "sam": model.config.sam.to_dict(),
+                 "uncarried_sha256": uncarried_digest(model, bool(info.get("train_conditioning", True)),
+                                                      bool(info.get("train_decoder")))},
         "clip": {"name": _clip_name(model), "config": model.config.clip.to_dict()},
         "strategy": model.config.strategy,
         "strategy_options": model.config.strategy_options,
@@ -248,6 +270,14 @@ def check_compatible(meta: dict, model: ClipSam, path: str | os.PathLike = "adap
         raise AdapterMismatchError(
             f"adapter {Path(path).name} was trained on {want_name} (hash {want_fp[:12]}…), current base is "
             f"{base_name(model)} (hash {have_fp[:12]}…): {_load_hint(want_name)}")
+    want_rest = base.get("uncarried_sha256")
+    if want_rest and uncarried_digest(model, bool(meta.get("train_conditioning", True)),
+                                      bool(meta.get("train_decoder"))) != want_rest:
+        parts = [p for p, carried in (("strategy", meta.get("train_conditioning", True)),
+                                      ("mask decoder", meta.get("train_decoder"))) if not carried]
+        raise AdapterMismatchError(
+            f"adapter {Path(path).name} does not carry the {' and '.join(parts)} weights and was trained with "
+            f"other ones than {base_name(model)} has: {_load_hint(want_name)}")
 
 
 def remove_adapter(model: ClipSam) -> None:
@@ -298,7 +328,11 @@ def load_adapter(path: str | os.PathLike, model: ClipSam) -> dict:
             part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             if part:
                 dev = next(iter(mod.state_dict().values())).device
-                mod.load_state_dict({k: v.to(dev) for k, v in part.items()}, strict=True)
+                try:
+                    mod.load_state_dict({k: v.to(dev) for k, v in part.items()}, strict=True)
+                except RuntimeError as err:  # names or shapes that do not fit: a damaged or edited file
+                    raise ValueError(f"{path}: its {prefix.rstrip('.')} weights do not fit the model (corrupt "
+                                     f"file?): {' '.join(str(err).split())[:300]}") from None
         for p in model.parameters():
             p.requires_grad_(snap.requires_grad.get(id(p), False))
         model.eval()
@@ -318,4 +352,5 @@ def load_adapter(path: str | os.PathLike, model: ClipSam) -> dict:
 
 
 __all__ = ["AdapterMismatchError", "FORMAT", "adapter_fingerprint", "adapter_tensors", "base_fingerprint",
-           "base_name", "check_compatible", "load_adapter", "read_adapter", "remove_adapter", "save_adapter"]
+           "base_name", "check_compatible", "load_adapter", "read_adapter", "remove_adapter", "save_adapter",
+           "uncarried_digest"]

@@ -42,8 +42,8 @@ from ..evaluation import f1_score, match_instances
 from ..models.clipsam import ClipSam, ImageFeatures, Prompts
 from ..models.fast import autocast_dtype_for, disable_fast_path, enable_fast_path, fast_path_allowed, fast_path_info
 from .examples import TrainingExample, validate_examples
-from .lora import (LoraSettings, attach_lora, detach_lora, has_lora, lora_blocks_of, lora_settings_of, lora_state,
-                   resolve_lora_blocks, set_trainable, trainable_report)
+from .lora import (LoraSettings, attach_lora, detach_lora, has_lora, lora_blocks_of, lora_modules, lora_settings_of,
+                   lora_state, resolve_lora_blocks, set_trainable, trainable_report)
 from .losses import LossWeights, mask_loss
 from .prompts import (MODES, PromptItem, PromptSettings, correction_prompts, group_prompts, interior_point, simulate,
                       _box_of, _item)
@@ -238,7 +238,7 @@ def _crop_box(labels: np.ndarray, size: int, rng: np.random.Generator | None) ->
 
 
 def _make_view(model: ClipSam, ex_index: int, image01: np.ndarray, labels: np.ndarray, text: str, weight: float) -> View:
-    x, frame = to_model_input(image01, model.img_size)
+    x, frame = to_model_input(image01, model.img_size, model.pad_fill)
     return View(ex_index, image01, labels, text, weight, frame, x)
 
 
@@ -512,12 +512,15 @@ def evaluate(model: ClipSam, examples: Sequence[TrainingExample], mode: str = "b
 
 # ---------------------------------------------------------------------------------------------- state
 class _Snapshot:
-    """Everything fine-tuning may change, to put back bit for bit on cancel or error."""
+    """Everything fine-tuning or loading an adapter may change, to put back bit for bit on cancel
+    or error: the LoRA layers (re-attached with their settings if they were replaced), the
+    weights they and the strategy/decoder hold, flags and the adapter attributes (all by name)."""
 
     def __init__(self, model: ClipSam):
-        self.had_lora = has_lora(model)
-        self.requires_grad = {id(p): p.requires_grad for p in model.parameters()}
-        self.training = {id(mod): mod.training for mod in model.modules()}
+        self.lora = lora_settings_of(model)
+        self.lora_layout = _lora_layout(model)
+        self.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        self.training = {n: mod.training for n, mod in model.named_modules()}
         self.tensors = {name: t.detach().clone() for name, t in _mutable_tensors(model).items()}
         self.attr = getattr(model, ADAPTER_ATTR, None)
         self.has_attr = hasattr(model, ADAPTER_ATTR)
@@ -525,24 +528,31 @@ class _Snapshot:
         self.has_base = hasattr(model, BASE_ATTR)
 
     def restore(self, model: ClipSam) -> None:
-        if not self.had_lora and has_lora(model):
-            detach_lora(model)
+        if _lora_layout(model) != self.lora_layout:  # LoRA added, removed or replaced by other layers
+            if has_lora(model):
+                detach_lora(model)
+            if self.lora is not None:
+                attach_lora(model, self.lora)
         current = _mutable_tensors(model)
         with torch.no_grad():
             for name, t in self.tensors.items():
-                if name in current:
-                    current[name].copy_(t)
-        for p in model.parameters():
-            if id(p) in self.requires_grad:
-                p.requires_grad_(self.requires_grad[id(p)])
-        for mod in model.modules():
-            if id(mod) in self.training:
-                mod.training = self.training[id(mod)]
+                current[name].copy_(t)
+        for n, p in model.named_parameters():
+            if n in self.requires_grad:
+                p.requires_grad_(self.requires_grad[n])
+        for n, mod in model.named_modules():
+            if n in self.training:
+                mod.training = self.training[n]
         for attr, has, val in ((ADAPTER_ATTR, self.has_attr, self.attr), (BASE_ATTR, self.has_base, self.base)):
             if has:
                 setattr(model, attr, val)
             elif hasattr(model, attr):
                 delattr(model, attr)
+
+
+def _lora_layout(model: ClipSam) -> tuple:
+    """The LoRA layers as (name, module id): equal only for the very same layers."""
+    return tuple(sorted((name, id(mod)) for name, mod in lora_modules(model).items()))
 
 
 def _mutable_tensors(model: ClipSam) -> dict[str, torch.Tensor]:

@@ -147,10 +147,16 @@ def detach_lora(model: nn.Module) -> None:
 
 def merge_lora(model: nn.Module) -> None:
     """Fold LoRA updates into the wrapped weights and remove the LoRA layers (plain SAM layout again,
-    e.g. to export the whole model with ``ClipSam.save``). Not reversible."""
+    e.g. to export the whole model with ``ClipSam.save``). Not reversible: the fine-tuned weights
+    are the model's own now, and it no longer carries an adapter (nothing to save or remove)."""
+    from .finetune import ADAPTER_ATTR, BASE_ATTR  # here: finetune imports this module
+
     for mod in lora_modules(model).values():
         mod.merge()
     detach_lora(model)
+    for attr in (ADAPTER_ATTR, BASE_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
 
 
 def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
