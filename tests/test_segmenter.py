@@ -176,7 +176,7 @@ def test_bad_inputs_raise_clear_errors():
         seg.segment_text("  ")
     with pytest.raises(ValueError, match="seeds must be"):
         seg.segment_text("nucleus", seeds="kmeans")
-    for kw, msg in [(dict(min_support=1.5), "min_support must lie in"), (dict(threshold=-0.1), "threshold"),
+    for kw, msg in [(dict(min_support=1.5), "min_support must be a number in \\[0.0, 1.0\\]"), (dict(threshold=-0.1), "threshold"),
                     (dict(min_score="high"), "min_score must be a number")]:
         with pytest.raises(ValueError, match=msg):
             seg.segment_text("nucleus", **kw)

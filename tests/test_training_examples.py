@@ -123,3 +123,30 @@ def test_bad_examples_name_the_example(case, match):
     if case in ("zeros", "float"):
         with pytest.raises(ValueError, match=r"'scan7'.*nucleus|nucleus.*'scan7'"):
             examples_from_arrays(img, bad.labels, "nucleus", name="scan7")
+
+
+def test_examples_arguments_and_images_the_model_cannot_read_are_refused():
+    img, lab = _scene()
+    vol, vlab = np.stack([img] * 3), np.stack([lab] * 3)
+    for kw, match in [(dict(max_slices=0), "max_slices"), (dict(max_slices=-1), "max_slices"),
+                      (dict(max_empty_fraction=-1), "max_empty_fraction"),
+                      (dict(empty_slice_weight=float("nan")), "empty_slice_weight")]:
+        with pytest.raises(ValueError, match=match):
+            examples_from_arrays(vol, vlab, "nucleus", **kw)
+    with pytest.raises(ValueError, match="empty dict"):
+        examples_from_arrays(img, {})
+    for image, kw, match in [(img.astype(np.complex64), {}, "real number"),
+                             (np.full(img.shape, np.nan, np.float32), {}, "all NaN"),
+                             (img, dict(channel_axis=0), "channel_axis=0"),
+                             (np.stack([img, img], -1), dict(channel_axis=3), "channel_axis=3")]:
+        with pytest.raises(ValueError, match=match):
+            examples_from_arrays(image, lab, "nucleus", name="odd", **kw)
+
+    class Layer:
+        def __init__(self, data, name):
+            self.data, self.name = data, name
+
+    layers = [Layer(lab, "a"), Layer(lab, "b"), Layer(lab, "c")]
+    with pytest.raises(ValueError, match="3 label sets need as many texts"):  # not split into 'c', 'a', 't'
+        examples_from_layers(Layer(img, "raw"), layers, "cat")
+    assert [e.text for e in examples_from_layers(Layer(img, "raw"), layers[:1], "cat")] == ["cat"]

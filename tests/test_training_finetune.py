@@ -229,3 +229,44 @@ def test_training_runs_on_the_fast_path_and_hands_the_model_back_as_given(monkey
     m = _model("adapter")
     seen = run(m)
     assert Attention in seen and FastEncoderAttention not in seen
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(steps=2.5), "steps must be an integer"), (dict(batch_size=0), "batch_size"),
+    (dict(lr=float("inf")), "lr"), (dict(lr=0), "lr"), (dict(grad_clip=0), "grad_clip"),
+    (dict(grad_clip=float("nan")), "grad_clip"), (dict(lora_rank=-1), "lora_rank"), (dict(lora_alpha=0), "lora_alpha"),
+    (dict(lora_dropout=1.0), "lora_dropout"), (dict(lora_dropout=-0.1), "lora_dropout"), (dict(warmup=-0.5), "warmup"),
+    (dict(warmup=float("nan")), "warmup"), (dict(seed=-1), "seed"), (dict(seed=None), "seed"),
+    (dict(crop_size=4), "crop_size"), (dict(weight_decay=-1), "weight_decay"), (dict(patience=-1), "patience"),
+    (dict(min_delta=-1), "min_delta"), (dict(val_every=-1), "val_every"), (dict(intensity_jitter=float("nan")), "intensity_jitter"),
+    (dict(autocast="yes"), "autocast"), (dict(val_fraction=1), "val_fraction"),
+    (dict(loss=LossWeights(focal=0, dice=0, iou=0)), "all 0"), (dict(loss=LossWeights(focal_gamma=float("nan"))), "focal_gamma"),
+    (dict(loss=LossWeights(dice=-1)), "loss.dice"),
+])
+def test_every_setting_out_of_range_is_refused_before_training(change, match):
+    with pytest.raises(ValueError, match=match):
+        FineTuneConfig(**change).check()
+
+
+def test_prompt_settings_and_bad_calls_are_refused_before_training():
+    from dataclasses import replace
+
+    from napari_clipsam.training.prompts import PromptSettings
+
+    for change, match in [(dict(max_points=0), "max_points"), (dict(seed_depth=2), "seed_depth"),
+                          (dict(seed_weight=-1), "seed_weight"), (dict(p_box=1.5), "p_box")]:
+        with pytest.raises(ValueError, match=match):
+            FineTuneConfig(prompts=replace(PromptSettings(), **change)).check()
+    from napari_clipsam.training.lora import resolve_lora_blocks
+
+    with pytest.raises(ValueError, match="lora_blocks=1.5"):
+        resolve_lora_blocks(1.5, 12)
+    model = _model()
+    img = np.zeros((64, 64), np.float32)
+    lab = np.zeros((64, 64), np.uint16)
+    img[20:30, 20:30], lab[20:30, 20:30] = 1, 1
+    ex = examples_from_arrays(img, lab, "nucleus")
+    with pytest.raises(TypeError, match="threading.Event"):
+        finetune(model, ex, FineTuneConfig(steps=1), cancel=True)
+    with pytest.raises(ValueError, match="mode='bogus'"):
+        evaluate(model, ex, "bogus")

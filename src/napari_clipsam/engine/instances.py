@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import sparse
 
+from ..checks import check_number
+
 #: Default probability threshold of ``segment_text``'s regions: chosen on validation seeds
 #: 5000000+ (instance F1 of the demo: 0.35 beat 0.25, 0.5 and 0.65 for all three concepts).
 TEXT_THRESHOLD = 0.35
@@ -31,13 +33,7 @@ SEED_MODES = ("grid", "regions")
 
 def check_fraction(value: float, name: str) -> float:
     """``value`` as a float if it lies in [0, 1], else ``ValueError`` naming ``name``."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-    return v
+    return check_number(value, name, 0.0, 1.0)
 
 
 def check_seeds(seeds: str) -> str:

@@ -231,6 +231,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
         meta = json.loads(header["adapter"])
     except Exception as err:
         raise ValueError(f"{path}: adapter metadata is missing or corrupt: {err}") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("format_version", 0), int) \
+            or not isinstance(meta.get("base", {}), dict):
+        raise ValueError(f"{path}: adapter metadata is not what napari-clipsam writes (corrupt or hand-made file)")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer napari-clipsam (format {meta.get('format_version')}): "
                          "update napari-clipsam to load it")

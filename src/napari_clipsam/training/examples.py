@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..checks import check_number
 from ..engine.preprocess import normalize_image
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,14 @@ class TrainingExample:
         lab = np.asarray(self.labels)
         if not isinstance(self.text, str) or not self.text.strip():
             raise ValueError(f"{who}: the text must be a non-empty string naming the class, got {self.text!r}")
-        if not (np.issubdtype(img.dtype, np.number) or img.dtype == bool):
-            raise ValueError(f"{who}: image dtype {img.dtype} is not numeric")
-        if self.channel_axis is not None and img.ndim == 3:
+        if not (np.issubdtype(img.dtype, np.integer) or np.issubdtype(img.dtype, np.floating) or img.dtype == bool):
+            raise ValueError(f"{who}: image dtype {img.dtype} is not a real number type")
+        if self.channel_axis is not None and (img.ndim != 3 or not -3 <= self.channel_axis < 3):
+            raise ValueError(f"{who}: channel_axis={self.channel_axis} needs a (Y, X, C) image with that axis, "
+                             f"got shape {img.shape}")
+        if self.limits is None and np.issubdtype(img.dtype, np.floating) and np.isnan(img).all():
+            raise ValueError(f"{who}: the image is all NaN")
+        if self.channel_axis is not None:
             spatial = tuple(np.delete(np.array(img.shape), self.channel_axis % 3))
         elif img.ndim == 2:
             spatial = img.shape
@@ -172,6 +178,12 @@ def examples_from_arrays(
 
     Raises ``ValueError`` naming the image/class when shapes or dtypes do not fit.
     """
+    if max_slices is not None:
+        check_number(max_slices, "max_slices", 1, integer=True)
+    check_number(empty_slice_weight, "empty_slice_weight", 0)
+    check_number(max_empty_fraction, "max_empty_fraction", 0)
+    if isinstance(labels, Mapping) and not labels:
+        raise ValueError("labels is an empty dict: give {text: labels} for at least one class")
     img = np.asarray(image)
     group = f"{name}#{_pixel_digest(img)}" if group is None else str(group)
     vol_limits = None
@@ -273,7 +285,8 @@ def examples_from_layers(
         texts = None
     elif isinstance(labels_layers, (list, tuple)):
         labels = [_layer_data(lay, "labels") for lay in labels_layers]
-        texts = list(text) if text is not None else [str(getattr(lay, "name", "")) for lay in labels_layers]
+        texts = ([text] if isinstance(text, str) else list(text)) if text is not None else \
+            [str(getattr(lay, "name", "")) for lay in labels_layers]
     else:
         labels = _layer_data(labels_layers, "labels")
         texts = text if text is not None else str(getattr(labels_layers, "name", ""))

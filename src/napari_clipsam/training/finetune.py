@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..checks import check_number
 from ..engine.preprocess import Frame, postprocess_logits, to_model_input
 from ..engine.text_instances import view_labels
 from ..evaluation import f1_score, match_instances
@@ -119,16 +120,26 @@ class FineTuneConfig:
         return d
 
     def check(self) -> None:
+        """ValueError naming the first setting out of range, before any model is touched."""
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}: choose one of {MODES}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps ({self.steps}) and batch_size ({self.batch_size}) must be >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.augment_pool < 1:
-            raise ValueError(f"augment_pool must be >= 1, got {self.augment_pool}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("steps", "batch_size", "augment_pool", "val_max_instances"):
+            check_number(getattr(self, name), name, 1, integer=True)
+        for name in ("lora_rank", "seed", "val_every", "patience"):
+            check_number(getattr(self, name), name, 0, integer=True)
+        for name in ("lr", "grad_clip", "lora_alpha"):
+            check_number(getattr(self, name), name, 0, low_open=True)
+        check_number(self.val_fraction, "val_fraction", 0, 1, low_open=True, high_open=True)
+        for name in ("warmup", "lora_dropout", "intensity_jitter", "gamma_jitter"):
+            check_number(getattr(self, name), name, 0, 1, high_open=True)
+        for name in ("weight_decay", "min_delta"):
+            check_number(getattr(self, name), name, 0)
+        if self.crop_size is not None:
+            check_number(self.crop_size, "crop_size", 16, integer=True)
+        if self.autocast not in (None, True, False):
+            raise ValueError(f"autocast must be None (automatic), True or False, got {self.autocast!r}")
+        self.prompts.check()
+        self.loss.check()
 
 
 @dataclass
@@ -503,6 +514,8 @@ def evaluate(model: ClipSam, examples: Sequence[TrainingExample], mode: str = "b
              max_instances: int = 16) -> dict[str, float]:
     """Validation measures of ``model`` on ``examples`` (see :func:`evaluate_views`; no augmentation,
     large images cropped to the model size)."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: choose one of {MODES}")
     examples = validate_examples(examples)
     items = [(i, ex.normalized(), np.asarray(ex.labels), ex.text, ex.weight)
              for i, ex in enumerate(examples) if np.asarray(ex.labels).any()]
@@ -626,6 +639,10 @@ def finetune(model: ClipSam, examples: Sequence[TrainingExample], config: FineTu
     for the run and off again after it (unless ``NAPARI_CLIPSAM_FAST=0``).
     """
     config = config or FineTuneConfig()
+    if not isinstance(config, FineTuneConfig):
+        raise TypeError(f"config must be a FineTuneConfig, got {type(config).__name__}")
+    if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+        raise TypeError(f"cancel must be a threading.Event (set it to stop), got {cancel!r}")
     config.check()
     config = _with_existing_lora(model, config)
     examples = validate_examples(examples)

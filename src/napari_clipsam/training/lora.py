@@ -15,6 +15,7 @@ counts as a % of the whole model (frozen base included).
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -64,11 +65,12 @@ def resolve_lora_blocks(blocks: str | int | Sequence[int], depth: int) -> tuple[
         return tuple(range(depth // 2, depth))
     if isinstance(blocks, bool) or blocks is None:
         raise ValueError(f"lora_blocks={blocks!r}: use 'all', 'half', an int (the last k blocks) or block indices")
-    if isinstance(blocks, int):
+    if isinstance(blocks, numbers.Integral):
         if blocks < 1:
             raise ValueError(f"lora_blocks={blocks}: need at least 1 block (or lora_rank=0 to disable LoRA)")
         return tuple(range(max(0, depth - blocks), depth))
-    if isinstance(blocks, str):
+    if isinstance(blocks, str) or not isinstance(blocks, (list, tuple, range)) or \
+            not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in blocks):
         raise ValueError(f"lora_blocks={blocks!r}: use 'all', 'half', an int (the last k blocks) or block indices")
     out = tuple(sorted({int(b) for b in blocks}))
     if not out or out[0] < 0 or out[-1] >= depth:

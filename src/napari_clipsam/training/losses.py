@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_number
+
 
 @dataclass
 class LossWeights:
@@ -31,6 +33,15 @@ class LossWeights:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check(self) -> None:
+        """ValueError naming the first weight out of range (all ≥ 0, not all 0)."""
+        for name in ("focal", "dice", "iou", "focal_gamma"):
+            check_number(getattr(self, name), f"loss.{name}", 0)
+        if self.focal_alpha is not None:
+            check_number(self.focal_alpha, "loss.focal_alpha", high=1)
+        if self.focal == self.dice == self.iou == 0:
+            raise ValueError("loss.focal, loss.dice and loss.iou are all 0: nothing would be learned")
 
 
 def _check(logits: torch.Tensor, targets: torch.Tensor) -> None:
@@ -110,8 +121,8 @@ def mask_loss(logits: torch.Tensor, targets: torch.Tensor, iou_pred: torch.Tenso
         sw = torch.full((n,), 1.0 / n, device=logits.device)
     else:
         sw = torch.as_tensor(sample_weights, dtype=torch.float32, device=logits.device).reshape(-1)
-        if sw.shape[0] != n or bool((sw < 0).any()):
-            raise ValueError(f"sample_weights must be ({n},) non-negative, got {tuple(sw.shape)}")
+        if sw.shape[0] != n or bool((sw < 0).any()) or not bool(torch.isfinite(sw).all()):
+            raise ValueError(f"sample_weights must be ({n},) finite and non-negative, got {sw.tolist()[:8]}")
         sw = sw / sw.sum().clamp(min=1e-8)
     total = w.focal * (sw * focal).sum() + w.dice * (sw * dice).sum()
     iou_mse = torch.zeros((), device=logits.device)

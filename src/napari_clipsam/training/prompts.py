@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ..checks import check_number
 from ..engine.preprocess import Frame, frame_for, postprocess_logits
 from ..models.clipsam import Prompts
 
@@ -100,6 +101,17 @@ class PromptSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check(self) -> None:
+        """ValueError naming the first setting out of range."""
+        check_number(self.max_points, "prompts.max_points", 1, integer=True)
+        check_number(self.instances_per_view, "prompts.instances_per_view", 1, integer=True)
+        check_number(self.correction_clicks, "prompts.correction_clicks", 0, integer=True)
+        for name in ("p_negative", "p_box"):
+            check_number(getattr(self, name), f"prompts.{name}", 0, 1)
+        check_number(self.seed_depth, "prompts.seed_depth", 0, 1, high_open=True)
+        for name in ("box_jitter", "seed_weight"):
+            check_number(getattr(self, name), f"prompts.{name}", 0)
 
 
 @dataclass
