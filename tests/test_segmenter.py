@@ -262,3 +262,49 @@ def test_resolve_device_refuses_unknown_and_absent_devices(monkeypatch):
         with pytest.raises(ValueError, match=msg):
             Segmenter(_model(), device=name)
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_argument_types_ranges_and_a_refused_image_keep_the_segmenter_usable(tmp_path):
+    from napari_clipsam.engine.cache import EmbeddingCache
+
+    for kw, msg in [(dict(cache="emb/"), "EmbeddingCache"), (dict(tile_size=100.5), "tile_size"),
+                    (dict(tile_size="256"), "tile_size"), (dict(halo=-1), "halo")]:
+        with pytest.raises(ValueError, match=msg):
+            Segmenter(_model(), **kw)
+    seg = Segmenter(_model(), tile_size=0)
+    image = _image()
+    seg.set_image(image)
+    shape = seg.image_shape
+    for bad in (np.full((10, 12, 3), 255.0, np.float32), np.full((10, 12, 3), np.nan, np.float32)):
+        with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+            seg.set_normalized(bad)
+        assert seg.image_shape == shape  # the image set before is still there
+    mask, _ = seg.predict(points=[[10, 10]])
+    assert mask.shape == shape
+    h, w = shape
+    assert seg.predict(points=[[w - 0.5, h - 0.5]])[0].shape == shape  # the far edge of the last pixel
+    for kw, msg in [(dict(points=[[w - 0.4, 1]]), "outside"), (dict(points=[[-0.6, 1]]), "outside"),
+                    (dict(points="ab"), "points must be"), (dict(points=[[1, 2], [3]]), "points must be"),
+                    (dict(points=[[5, 5]], mask_input=np.full(shape, 0.2)), "boolean"),
+                    (dict(points=[[5, 5]], mask_input=np.where(mask, 9.0, -9.0)), "logits > 0")]:
+        with pytest.raises(ValueError, match=msg):
+            seg.predict(**kw)
+    assert seg.predict(points=[[5, 5]], mask_input=np.ones(shape, np.uint8))[0].shape == shape  # 0/1 is a mask
+    for kw, msg in [(dict(nms_iou=2), "nms_iou"), (dict(merge_iou=5), "merge_iou"), (dict(region_margin=-1), "region_margin"),
+                    (dict(min_area=-5), "min_area"), (dict(min_area=None), "min_area"), (dict(threshold="0.5"), "threshold")]:
+        with pytest.raises(ValueError, match=msg):
+            seg.segment_text("nucleus", **kw)
+    (tmp_path / "emb").write_text("not a folder")
+    with pytest.raises(ValueError, match="is a file"):
+        EmbeddingCache(directory=tmp_path / "emb")
+
+
+def test_texts_differing_in_case_share_the_cache_and_long_texts_warn():
+    seg = Segmenter(_model(), tile_size=0)
+    seg.set_image(_image())
+    first = seg.segment_text("nucleus", min_score=0.0)
+    misses = seg.cache.misses
+    again = seg.segment_text("  NUCLEUS ", min_score=0.0)
+    assert seg.cache.misses == misses and np.array_equal(first.labels, again.labels)
+    with pytest.warns(UserWarning, match="context: its end is cut off"):
+        seg.segment_text("the very long description of a round nucleus " * 2, min_score=0.0)

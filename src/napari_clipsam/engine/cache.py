@@ -196,6 +196,8 @@ class EmbeddingCache:
         self.hits = 0
         self.misses = 0
         if self.directory is not None:
+            if self.directory.exists() and not self.directory.is_dir():
+                raise ValueError(f"cache directory {self.directory} is a file: choose a folder")
             self.directory.mkdir(parents=True, exist_ok=True)
 
     # ---- memory -------------------------------------------------------------------------------

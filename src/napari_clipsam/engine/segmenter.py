@@ -28,7 +28,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..checks import check_number
 from ..models.clipsam import ClipSam, Encoded, ImageFeatures, Prompts
+from ..models.semantics import text_key
 from ..models.fast import enable_fast_path, fast_inference
 from .cache import EmbeddingCache, PartFingerprints, digest
 from .instances import (MIN_AREA, MIN_SCORE, MIN_SUPPORT, NMS_IOU, REGION_MARGIN, TEXT_THRESHOLD, Instances,
@@ -134,6 +136,12 @@ class Segmenter:
                  halo: int | None = None, progress: Progress | None = None, fast: bool | None = None):
         if not isinstance(model, ClipSam):
             raise ValueError(f"Segmenter needs a ClipSam model, got {type(model).__name__}")
+        if cache is not None and not isinstance(cache, EmbeddingCache):
+            raise ValueError(f"cache must be an EmbeddingCache (e.g. EmbeddingCache(directory='emb/')), "
+                             f"got {type(cache).__name__}")
+        for name, value in (("tile_size", tile_size), ("halo", halo)):
+            if value is not None:
+                check_number(value, name, 0, integer=True)
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         # SDPA attention (+ bf16/fp16 autocast where the hardware runs it natively); exact to
@@ -279,11 +287,15 @@ class Segmenter:
 
     def _adopt(self, image01: np.ndarray, embed: bool, progress: Progress | None) -> None:
         """Set a normalised (H, W, 3) float32 image that nothing else holds."""
-        if image01.ndim != 3 or image01.shape[-1] != 3:
-            raise ValueError(f"normalised image must be (H, W, 3), got {image01.shape}")
-        self.reset_image()
+        if image01.ndim != 3 or image01.shape[-1] != 3 or min(image01.shape[:2]) < 2:
+            raise ValueError(f"normalised image must be (H, W, 3) with H, W >= 2, got {image01.shape}")
+        lo, hi = float(image01.min()), float(image01.max())  # NaN propagates into both
+        if not (0.0 <= lo <= hi <= 1.0):
+            raise ValueError(f"a normalised image has values in [0, 1], got {lo:g} to {hi:g}: give raw data to "
+                             "set_image, which normalises it")
+        self.reset_image()  # only now: a refused image leaves the current one in place
         self._image = image01
-        self._blank = bool(image01.min() == image01.max())  # constant (e.g. flat grey with a volume's limits)
+        self._blank = lo == hi  # constant (e.g. flat grey with a volume's limits): nothing to find
         self._hash = digest(image01)
         s = self.model.img_size
         self._views = [_View(t, frame_for(t.shape, s), digest(self._hash, t.window, s))
@@ -363,15 +375,21 @@ class Segmenter:
     def _check_prompts(self, points, labels, box, mask_input):
         h, w = self._image.shape[:2]
         if points is not None:
-            points = np.asarray(points, np.float32)
+            try:
+                points = np.asarray(points, np.float32)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"points must be (N, 2) numbers as (x, y) = (col, row): {err}") from None
             if points.ndim == 1 and points.shape == (2,):
                 points = points[None]
             if points.ndim != 2 or points.shape[1] != 2 or not len(points):
                 raise ValueError(f"points must be (N, 2) as (x, y) = (col, row), got shape {points.shape}")
             if not np.isfinite(points).all():
                 raise ValueError("points contain NaN or inf")
-            if (points < 0).any() or (points[:, 0] > w - 1).any() or (points[:, 1] > h - 1).any():
-                raise ValueError(f"points {points.tolist()} lie outside the image (x < {w}, y < {h})")
+            # pixel i spans [i - 0.5, i + 0.5] (napari's convention): anywhere on a pixel is on it
+            if (points < -0.5).any() or (points[:, 0] > w - 0.5).any() or (points[:, 1] > h - 0.5).any():
+                raise ValueError(f"points {points.tolist()} lie outside the image (-0.5 <= x <= {w - 0.5}, "
+                                 f"-0.5 <= y <= {h - 0.5})")
+            points = np.clip(points, 0, [w - 1, h - 1]).astype(np.float32)
             labels = np.ones(len(points), np.int64) if labels is None else np.asarray(labels)
             if labels.shape != (len(points),):
                 raise ValueError(f"labels must have shape ({len(points)},), one per point, got {labels.shape}")
@@ -388,7 +406,12 @@ class Segmenter:
             if box[2] <= box[0] or box[3] <= box[1]:
                 raise ValueError(f"box lies outside the image ({w} × {h})")
         if mask_input is not None:
-            mask_input = np.asarray(mask_input, bool)
+            mask_input = np.asarray(mask_input)
+            if mask_input.dtype != bool:
+                if not (np.issubdtype(mask_input.dtype, np.number) and np.isin(mask_input, (0, 1)).all()):
+                    raise ValueError("mask_input must be a boolean (H, W) mask (or 0/1): from the logits of "
+                                     "predict_torch, pass logits > 0")
+                mask_input = mask_input.astype(bool)
             if mask_input.shape != (h, w):
                 raise ValueError(f"mask_input must be a (H, W) = {(h, w)} boolean mask, got {mask_input.shape}")
             if not mask_input.any():
@@ -492,8 +515,9 @@ class Segmenter:
         points: (N, 2) (x, y) = (col, row) image pixels; labels: (N,) 1 positive / 0 negative
         (default all positive); box: (x0, y0, x1, y1); text: a concept (conditions the decoder;
         alone it asks for the text's mask); mask_input: (H, W) bool prior mask (e.g. the
-        neighbouring slice's). With ``multimask`` the best of SAM's three masks is returned.
-        Only the decoder runs once the image (and text) is embedded.
+        neighbouring slice's). With ``multimask`` the best of SAM's three masks is returned
+        (SAM's pretrained decoder; the bundled demo was trained for single masks only, its three
+        are poor). Only the decoder runs once the image (and text) is embedded.
         """
         self._require_image()
         h, w = self._image.shape[:2]
@@ -511,7 +535,7 @@ class Segmenter:
             return None
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"text must be a non-empty string (a concept such as 'nucleus'), got {text!r}")
-        return text.strip()
+        return text_key(text)
 
     # ---- text → instances ---------------------------------------------------------------------
     def segment_text(self, text: str, threshold: float = TEXT_THRESHOLD, min_area: int = MIN_AREA,
@@ -543,8 +567,12 @@ class Segmenter:
         self._require_image()
         text = self._check_text(text)
         check_seeds(seeds)
-        for value, name in ((threshold, "threshold"), (min_score, "min_score"), (min_support, "min_support")):
-            check_fraction(value, name)
+        threshold, min_score, min_support, nms_iou, merge_iou = (
+            check_fraction(v, name) for v, name in ((threshold, "threshold"), (min_score, "min_score"),
+                                                    (min_support, "min_support"), (nms_iou, "nms_iou"),
+                                                    (merge_iou, "merge_iou")))
+        min_area = check_number(min_area, "min_area", 0, integer=True)
+        region_margin = check_number(region_margin, "region_margin", 0)
         h, w = self._image.shape[:2]
         if self._blank:
             return TextSegmentation(np.zeros((h, w), np.uint32), {}, np.zeros((h, w), np.float32))

@@ -6,6 +6,7 @@ they are computed once per image and once per text and cached by the callers.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -20,6 +21,12 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a microscopy image of {}",
     "{} in a cell",
 )
+
+
+def text_key(text: str) -> str:
+    """The one form of a text that features and caches are keyed by: CLIP's tokenizers lower-case
+    and strip, so "Nucleus " and "nucleus" are the same text."""
+    return text.strip().lower()
 
 
 @dataclass
@@ -150,6 +157,16 @@ class ClipSemantics(nn.Module):
             tokens, mask, _ = self._text_tower(list(texts))
         return [(emb[i], tokens[i], mask[i]) for i in range(n)]
 
+    def _warn_cut(self, texts: list[str]) -> None:
+        """Warn for texts that fill the tokenizer's context on their own: their end is cut off.
+        (Templates around a text may be cut on short contexts, e.g. the demo's 24 characters:
+        the model was trained that way, the text itself still reads whole in the plain one.)"""
+        ids = self.tokenizer(list(texts))
+        for text, cut in zip(texts, (ids[:, -1] != 0).tolist()):
+            if cut:
+                warnings.warn(f"text {text!r} fills the model's {ids.shape[1]}-token context: its end is cut off "
+                              "(two such texts may read the same); use a shorter text", stacklevel=3)
+
     def text_features(self, texts: Sequence[str]) -> TextFeatures:
         """Features of ``texts`` (cached per string while CLIP is frozen and in eval mode)."""
         if isinstance(texts, str):
@@ -158,11 +175,12 @@ class ClipSemantics(nn.Module):
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 raise ValueError(f"text must be a non-empty string, got {t!r}")
-            keys.append(t.strip().lower())
+            keys.append(text_key(t))
         use_cache = not (self.trainable or self.training)
         todo = sorted({k for k in keys if not (use_cache and k in self._text_cache)})
         fresh = {}
         if todo:
+            self._warn_cut(todo)
             with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
                 fresh = dict(zip(todo, self._compute_texts(todo)))
             if use_cache:
