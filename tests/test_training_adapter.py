@@ -197,7 +197,7 @@ def test_a_failed_load_leaves_the_loaded_adapter_exactly_as_it_was(tmp_path):
         with pytest.raises(ValueError, match=error):
             load_adapter(bad, m)
         assert _same(_state(m), state) and _flags(m) == flags and lora_blocks_of(m) == blocks
-        assert not any(p.requires_grad for p in m.parameters())
+        assert not any(p.requires_grad for n, p in m.named_parameters() if ".lora_" in n)
 
 
 def test_merging_lora_ends_the_adapter_and_the_base_fingerprint_sees_it(tmp_path):
@@ -237,3 +237,19 @@ def test_an_adapter_without_decoder_or_strategy_needs_the_base_ones(tmp_path):
         next(iter(other.conditioning.parameters())).add_(1.0)  # same encoder and CLIP, another strategy
     with pytest.raises(AdapterMismatchError, match="does not carry the strategy weights"):
         load_adapter(tmp_path / "a.safetensors", other)
+
+
+def test_training_and_loading_leave_requires_grad_as_it_was_and_new_lora_frozen(tmp_path):
+    m = _model()
+    m.sam.prompt_encoder.requires_grad_(False)  # the user's own choice of flags, kept by name
+    before = {n.replace(".base_layer", ""): p.requires_grad for n, p in m.named_parameters()}
+    finetune(m, _examples(), FineTuneConfig(steps=2))
+    save_adapter(tmp_path / "a.safetensors", m)
+    fresh = _model()
+    fresh.sam.prompt_encoder.requires_grad_(False)
+    load_adapter(tmp_path / "a.safetensors", fresh)
+    for model in (m, fresh):
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        assert any(".lora_" in n for n in flags)
+        assert all(not f for n, f in flags.items() if ".lora_" in n)
+        assert {n.replace(".base_layer", ""): f for n, f in flags.items() if ".lora_" not in n} == before

@@ -30,8 +30,8 @@ import torch
 
 from ..checks import check_number
 from ..models.clipsam import ClipSam, Encoded, ImageFeatures, Prompts
-from ..models.semantics import text_key
 from ..models.fast import enable_fast_path, fast_inference
+from ..models.semantics import text_key
 from .cache import EmbeddingCache, PartFingerprints, digest
 from .instances import (MIN_AREA, MIN_SCORE, MIN_SUPPORT, NMS_IOU, REGION_MARGIN, TEXT_THRESHOLD, Instances,
                         check_fraction, check_seeds)
@@ -153,7 +153,7 @@ class Segmenter:
         self.tile_size = tile_size
         self.halo = halo
         self.progress = progress
-        # the input's padding is part of what an embedding depends on (it was black before 0.1.1)
+        # the input's padding is part of what an embedding depends on (entries made with black padding are not reused)
         cfg = json.dumps(model.config.to_dict(), sort_keys=True, default=str) + f"|pad={model.pad_fill}"
         self._fingerprints = PartFingerprints(model, {
             "features": (lambda n: not n.startswith(_DECODER_PARTS + ("conditioning.",)),

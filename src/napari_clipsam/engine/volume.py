@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
+from ..checks import check_number
 from ..evaluation import interior_point
 from .instances import check_fraction, check_labels, label_overlap
 from .preprocess import _channels_last, channel_limits, normalize_image
@@ -51,8 +52,12 @@ def volume_limits(volume, channel_axis: int | None = None, channels: Sequence[in
     """Per-channel (C, 2) intensity limits of a (Z, Y, X[, C]) volume from at most ~16 evenly
     spread slices; ``volume`` only needs ``shape`` and ``volume[z]`` (a lazy zarr/dask array works:
     only the sampled slices are read). ``channel_axis`` is the axis of a slice ``volume[z]``."""
-    nz = len(volume) if isinstance(volume, NormalizedVolume) else int(volume.shape[0])
-    read = volume.raw if isinstance(volume, NormalizedVolume) else lambda z: np.asarray(volume[z])
+    return _sampled_limits(lambda z: np.asarray(volume[z]), int(volume.shape[0]), channel_axis, channels, percentiles)
+
+
+def _sampled_limits(read, nz: int, channel_axis: int | None, channels: Sequence[int] | None,
+                    percentiles: tuple[float, float]) -> np.ndarray:
+    """:func:`volume_limits` of the ``nz`` slices ``read(z)`` gives."""
     step = max(1, nz // 16)
     sample = np.stack([_channels_last(read(z), channel_axis, channels) for z in range(0, nz, step)])
     limits = channel_limits(sample, percentiles)
@@ -118,7 +123,7 @@ class NormalizedVolume:
         self.volume = vol  # as given: a lazy array is read one slice at a time (see raw)
         self.channel_axis = channel_axis
         self.channels = channels
-        self.limits = volume_limits(self, channel_axis, channels, percentiles)
+        self.limits = _sampled_limits(self.raw, len(self), channel_axis, channels, percentiles)
 
     def __len__(self) -> int:
         return int(self.volume.shape[self._z_axis])
@@ -173,8 +178,8 @@ def propagate(seg: "Segmenter", volume: np.ndarray | NormalizedVolume, z: int, p
     if isinstance(z, bool) or not isinstance(z, (int, np.integer)):
         raise ValueError(f"z must be a slice index (an integer), got {z!r}")
     min_score, min_iou = check_fraction(min_score, "min_score"), check_fraction(min_iou, "min_iou")
-    if min_area < 0 or max_shift < 0:
-        raise ValueError(f"min_area and max_shift must be >= 0, got {min_area} and {max_shift}")
+    check_number(min_area, "min_area", 0)
+    check_number(max_shift, "max_shift", 0)
     vol = volume if isinstance(volume, NormalizedVolume) else NormalizedVolume(volume)
     nz = len(vol)
     if not -nz <= z < nz:

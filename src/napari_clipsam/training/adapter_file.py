@@ -336,8 +336,7 @@ def load_adapter(path: str | os.PathLike, model: ClipSam) -> dict:
                 except RuntimeError as err:  # names or shapes that do not fit: a damaged or edited file
                     raise ValueError(f"{path}: its {prefix.rstrip('.')} weights do not fit the model (corrupt "
                                      f"file?): {' '.join(str(err).split())[:300]}") from None
-        for p in model.parameters():
-            p.requires_grad_(snap.requires_grad.get(id(p), False))
+        snap.restore_flags(model)  # as before; the new LoRA factors frozen
         model.eval()
         setattr(model, BASE_ATTR, base_copy)
         setattr(model, ADAPTER_ATTR, {

@@ -532,8 +532,8 @@ class _Snapshot:
     def __init__(self, model: ClipSam):
         self.lora = lora_settings_of(model)
         self.lora_layout = _lora_layout(model)
-        self.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-        self.training = {n: mod.training for n, mod in model.named_modules()}
+        self.requires_grad = {_unwrapped(n): p.requires_grad for n, p in model.named_parameters()}
+        self.training = {_unwrapped(n): mod.training for n, mod in model.named_modules()}
         self.tensors = {name: t.detach().clone() for name, t in _mutable_tensors(model).items()}
         self.attr = getattr(model, ADAPTER_ATTR, None)
         self.has_attr = hasattr(model, ADAPTER_ATTR)
@@ -550,17 +550,27 @@ class _Snapshot:
         with torch.no_grad():
             for name, t in self.tensors.items():
                 current[name].copy_(t)
-        for n, p in model.named_parameters():
-            if n in self.requires_grad:
-                p.requires_grad_(self.requires_grad[n])
-        for n, mod in model.named_modules():
-            if n in self.training:
-                mod.training = self.training[n]
+        self.restore_flags(model)
         for attr, has, val in ((ADAPTER_ATTR, self.has_attr, self.attr), (BASE_ATTR, self.has_base, self.base)):
             if has:
                 setattr(model, attr, val)
             elif hasattr(model, attr):
                 delattr(model, attr)
+
+
+    def restore_flags(self, model: ClipSam) -> None:
+        """``requires_grad`` and training flags as they were (by name, LoRA's wrapping undone);
+        parameters that are new since (LoRA factors attached meanwhile) are frozen."""
+        for n, p in model.named_parameters():
+            p.requires_grad_(self.requires_grad.get(_unwrapped(n), False))
+        for n, mod in model.named_modules():
+            if _unwrapped(n) in self.training:
+                mod.training = self.training[_unwrapped(n)]
+
+
+def _unwrapped(name: str) -> str:
+    """A parameter's or module's name as without LoRA (``qkv.base_layer.weight`` → ``qkv.weight``)."""
+    return name.replace(".base_layer", "")
 
 
 def _lora_layout(model: ClipSam) -> tuple:
@@ -780,12 +790,7 @@ def _run(model, examples, config, callback, cancel, snap, t_start, base_fp) -> F
         best = {k: v for k, v in history[-1].items() if k not in ("step", "loss")}
     log.info("kept the weights of step %d (validation score %.4f; %.4f before training)", best_step,
              best["val_score"], start["val_score"])
-    # flags back as before; new LoRA factors frozen
-    for p in model.parameters():
-        p.requires_grad_(snap.requires_grad.get(id(p), False))
-    for mod in model.modules():
-        if id(mod) in snap.training:
-            mod.training = snap.training[id(mod)]
+    snap.restore_flags(model)  # flags back as before; new LoRA factors frozen
     model.eval()
     seconds = time.perf_counter() - t_start
     texts = sorted({ex.text for ex in examples})
