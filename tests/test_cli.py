@@ -158,6 +158,11 @@ def inputs(tmp_path) -> dict[str, Path]:
     ("missing adapter", ["segment", "{img}", "--text", "x", "--adapter", "{tmp}/a.safetensors"], "adapter file not found"),
     ("adapter name", ["finetune", "--images", "{img}", "--labels", "{img}", "--text", "x", "-o", "{existing}"],
      "end in .safetensors"),
+    ("adapter folder not writable", ["finetune", "--images", "{img}", "--labels", "{img}", "--text", "x", "-o",
+                                     "{existing}/a.safetensors"], "cannot write the adapter"),
+    ("same sample files", ["sample", "-o", "{tmp}/o.tif", "--labels", "{tmp}/o.tif"], "the same file"),
+    ("3D sample size", ["sample", "--3d", "--size", "64", "-o", "{tmp}/o.tif"], "--size"),
+    ("embed cache not writable", ["embed", "{img}", "--cache", "{existing}/emb"], "cannot write cache entries"),
     ("unpaired labels", ["finetune", "--images", "{img}", "--labels", "{img}", "{vol}", "--text", "x", "-o",
                          "{tmp}/a.safetensors"], "one label file per image"),
 ])
@@ -401,3 +406,11 @@ def test_bad_log_level_is_a_usage_error_and_a_closed_pipe_is_not_an_error():
     proc.stdout.close()  # like `| head -c 0`: the reader is gone before the table is printed
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 0 and err == "", err
+
+
+def test_finetune_takes_one_text(tmp_path):
+    img = _write(tmp_path / "img.tif", make_image(HELD_OUT + 41, size=64).image)
+    res = run_cli("finetune", "--images", img, "--labels", img, "--text", "nucleus", "--text", "vesicle",
+                  "-o", tmp_path / "a.safetensors")
+    assert res.returncode == 2 and "--text given twice ('nucleus', 'vesicle')" in res.stderr
+    assert not (tmp_path / "a.safetensors").exists()

@@ -47,3 +47,16 @@ def test_label_dtypes(tmp_path):
         write_labels(str(tmp_path / "n.tif"), lab.astype(np.int32) - 1, {})
     assert tifffile.imread(write_labels(str(tmp_path / "b.tif"), lab > 0, {})[0]).max() == 1
     assert not (tmp_path / "g.tif").exists() and not (tmp_path / "n.tif").exists()
+
+
+def test_pixel_size_is_written_per_axis_and_infinite_ids_are_refused(tmp_path):
+    path = tmp_path / "aniso.tif"
+    write_labels(str(path), _labels(), {"scale": [0.5, 0.25]})  # y 0.5, x 0.25 units per pixel
+    with tifffile.TiffFile(path) as tif:
+        tags = tif.pages[0].tags
+        x, y = tags["XResolution"].value, tags["YResolution"].value
+    assert x[0] / x[1] == pytest.approx(4.0) and y[0] / y[1] == pytest.approx(2.0)  # pixels per unit
+    bad = _labels().astype(np.float32)
+    bad[0, 0] = np.inf
+    with pytest.raises(ValueError, match="non-integer values"):
+        write_labels(str(tmp_path / "inf.tif"), bad, {})

@@ -5,7 +5,7 @@ layer's scale (pixel / voxel size, e.g. the z spacing of a stack) and the id →
 plugin records in ``metadata["classes"]`` are lost. This writer keeps both:
 
 - the smallest unsigned dtype holding the ids, zlib-compressed;
-- the scale as TIFF resolution (y, x) and ``spacing`` (z), and, with the class map, in the JSON
+- the scale as TIFF resolution (pixels per unit along x and y) and ``spacing`` (z), and, with the class map, in the JSON
   description (``tifffile.TiffFile(path).shaped_metadata[0]``);
 - the class map also as a sidecar ``<file>.classes.json`` any tool can read (a sidecar left
   by an earlier save of the same file is removed when the labels have no class map now).
@@ -30,7 +30,8 @@ def _smallest_uint(data: np.ndarray) -> np.ndarray:
     if data.dtype == bool:
         data = data.astype(np.uint8)
     elif not np.issubdtype(data.dtype, np.integer):
-        if not np.issubdtype(data.dtype, np.floating) or not np.array_equal(data, np.round(data)):
+        if not np.issubdtype(data.dtype, np.floating) or not np.isfinite(data).all() \
+                or not np.array_equal(data, np.round(data)):
             raise ValueError(f"labels of dtype {data.dtype} with non-integer values cannot be written as label ids")
     top = int(data.max()) if data.size else 0
     if int(data.min(initial=0)) < 0:
@@ -66,7 +67,7 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
         description["spacing"] = scale[-3]
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     try:
-        tifffile.imwrite(tmp, arr, compression="zlib", resolution=(1.0 / scale[-2], 1.0 / scale[-1]),
+        tifffile.imwrite(tmp, arr, compression="zlib", resolution=(1.0 / scale[-1], 1.0 / scale[-2]),  # (x, y)
                          metadata=description)
         os.replace(tmp, p)
     finally:

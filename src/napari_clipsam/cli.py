@@ -38,6 +38,16 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
+class _Once(argparse.Action):
+    """An option that may be given once: a second one is a usage error, not a silent replacement."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)!r}, {values!r}): "
+                         "fine-tuning learns one class per run")
+        setattr(namespace, self.dest, values)
+
+
 def _wrap(text: str) -> str:
     import textwrap
 
@@ -169,6 +179,19 @@ def check_writable(outputs: Sequence[Path], overwrite: bool, skip_existing: bool
             raise CliError(f"output {o} exists{extra}: pass --overwrite to replace it{keep} or choose another -o")
         todo.append(True)
     return todo
+
+
+def check_folder_writable(folder: Path, what: str) -> None:
+    """:class:`CliError` unless new files can be made in ``folder`` (created if missing): checked
+    before any work, so that hours of training are not lost to a read-only output folder."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".napari-clipsam-probe-"):
+            pass
+    except OSError as err:
+        raise CliError(f"cannot write {what} in {folder}: {err.strerror or err}") from None
 
 
 def read_tiff(path: Path) -> np.ndarray:
@@ -571,6 +594,7 @@ def add_embed_command(subparsers: argparse._SubParsersAction) -> None:
 
 def _embed(args: argparse.Namespace) -> int:
     texts = [check_text(t, required=True) for t in args.text]
+    check_folder_writable(Path(args.cache).expanduser(), "cache entries")
     inputs = expand_inputs(args.inputs)
     kinds = [_input_kind(p, tiff_shape(p), args) for p in inputs]
     seg = make_segmenter(args)
@@ -634,7 +658,8 @@ def add_finetune_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--images", nargs="+", required=True, metavar="IMAGE", help="TIFF files, folders or globs")
     p.add_argument("--labels", nargs="+", required=True, metavar="LABELS",
                    help="instance-label TIFFs (0 = background), one per image, same shape")
-    p.add_argument("-t", "--text", required=True, help="the concept the labels show, e.g. nucleus")
+    p.add_argument("-t", "--text", required=True, action=_Once,
+                   help="the concept the labels show, e.g. nucleus (one per run: one class per adapter run)")
     p.add_argument("-o", "--output", required=True, metavar="ADAPTER.safetensors", help="adapter file to write")
     p.add_argument("--mode", choices=["manual", "text", "both"], default="both",
                    help="how you will segment: manual (clicks/boxes + text), text (text only) or both (default)")
@@ -662,6 +687,7 @@ def _finetune(args: argparse.Namespace) -> int:
         raise CliError(f"adapter {out} exists: pass --overwrite to replace it or choose another -o")
     if out.is_dir():
         raise CliError(f"-o {out} is a folder: give a file name ending in .safetensors")
+    check_folder_writable(out.parent, "the adapter")
     if args.steps < 1:
         raise CliError(f"--steps {args.steps}: need at least 1")
     if args.lora_rank < 0:
@@ -755,7 +781,13 @@ def _sample(args: argparse.Namespace) -> int:
     for t in targets:
         if not _is_tiff(t):
             raise CliError(f"{t}: give a file name ending in .tif")
+    if len(targets) == 2 and targets[0].resolve() == targets[1].resolve():
+        raise CliError(f"-o and --labels are the same file {targets[0]}: give the labels another name")
+    if args.volume and args.size != 256:
+        raise CliError("--size sets a 2D image's side; the --3d volume is (16, 256, 256)")
     check_writable(targets, args.overwrite, can_skip=False)
+    for t in targets:  # both before writing either: no image left behind without its labels
+        check_folder_writable(t.parent, t.name)
     from ._sample_data import SAMPLE_2D_SEED, SAMPLE_3D_SEED
     from .data.synthetic import make_image, make_volume
 

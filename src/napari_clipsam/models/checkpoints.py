@@ -40,6 +40,7 @@ def write_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor], metad
     """Write ``tensors`` (contiguous, CPU) with string ``metadata`` to a ``.safetensors`` file,
     atomically (a temp file in the same folder, then a rename), readable as any new file here
     so it can be shared. FileExistsError if ``path`` exists and ``overwrite`` is False."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -48,7 +49,10 @@ def write_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor], metad
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(dict(tensors), str(tmp), metadata=dict(metadata))
+        try:
+            save_file(dict(tensors), str(tmp), metadata=dict(metadata))
+        except SafetensorError as err:  # its I/O failures (no permission, disk full) as the OSError they are
+            raise OSError(f"cannot write {path}: {err}") from err
         os.chmod(tmp, NEW_FILE_MODE)
         os.replace(tmp, path)
     finally:
