@@ -292,3 +292,25 @@ def test_train_and_load_adapter_act_on_the_model_loaded_before_them(make_napari_
     _wait(qtbot, panel)
     assert session.segmenter is new and getattr(new.model, ADAPTER_ATTR, None) is not None
     assert getattr(old, ADAPTER_ATTR, None) is None
+
+
+def test_cancel_is_offered_while_a_training_waits_in_the_queue(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    image, labels = _add(viewer, sample_2d())
+    torch.manual_seed(0)
+    model = ClipSam(tiny_config())
+    _, panel = _panels(viewer, qtbot, model)
+    base = _state(model)
+    panel.image_combo.setCurrentText(image.name)
+    panel.labels_combo.setCurrentText(labels.name)
+    panel.text_edit.setText("nucleus")
+    assert panel.add_example() is not None
+    panel.jobs.submit("busy", lambda report: time.sleep(1.0))  # the training waits behind this
+    panel.train(_quick(2))
+    assert panel.jobs.running == "busy" and panel.cancel_btn.isEnabled() and not panel.train_btn.isEnabled()
+    panel.cancel()
+    _wait(qtbot, panel)
+    assert panel.result is not None and panel.result.cancelled
+    after = _state(model)
+    assert all(torch.equal(after[k], base[k]) for k in base)
+    assert panel.train_btn.isEnabled() and not panel.cancel_btn.isEnabled()

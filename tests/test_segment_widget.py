@@ -496,3 +496,37 @@ def test_segment_all_on_a_dask_channel_first_volume(make_napari_viewer, qtbot, d
     lazy, eager = viewer.layers["nucleus (lazy)"].data, viewer.layers["nucleus (eager)"].data
     assert not isinstance(lazy, np.ndarray) and lazy.shape == czyx.shape[1:]
     assert eager.max() > 0 and np.array_equal(np.asarray(lazy), eager)
+
+
+def test_late_results_of_replaced_or_switched_images_are_not_used(make_napari_viewer, qtbot):
+    """A propagation finishing after the panel moved to another volume is dropped (it was shown and
+    committable there); a Segment all still waiting when its image's data is replaced refuses."""
+    import torch
+
+    torch.manual_seed(0)
+    viewer = make_napari_viewer()
+    (vol, _, _), _ = sample_3d()
+    viewer.add_image(vol, name="A")
+    viewer.add_image(vol[:, ::-1].copy(), name="B")
+    widget = _panel(viewer, qtbot, Segmenter(ClipSam(tiny_config()), tile_size=0))
+    widget.image_combo.setCurrentText("A")
+    viewer.dims.set_current_step(0, 8)
+    _wait(qtbot, widget)
+    _click(widget, viewer, 100, 120, z=8)
+    _wait(qtbot, widget)
+    widget.propagate()  # its result comes through the event loop, after the switch below
+    widget.image_combo.setCurrentText("B")
+    _wait(qtbot, widget)
+    assert not widget.propagated and "result dropped" in widget.status.text()
+
+    (img, _, _), _ = sample_2d()
+    layer = viewer.add_image(img, name="C")
+    widget.image_combo.setCurrentText("C")
+    _wait(qtbot, widget)
+    widget.text_combo.setCurrentText("nucleus")
+    widget.jobs.submit("busy", lambda report: time.sleep(1.0))  # Segment all waits behind it
+    widget.segment_all()
+    layer.data = img[::-1].copy()
+    _wait(qtbot, widget)
+    assert "was replaced before this Segment all started" in _errors()[-1]
+    assert not [lay for lay in viewer.layers if lay.name.startswith("nucleus (")]

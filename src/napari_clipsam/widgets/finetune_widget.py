@@ -249,7 +249,7 @@ class FineTuneWidget(QWidget):
     def _refresh_buttons(self, *_) -> None:
         if not alive(self):
             return
-        training = self.jobs.running == "train"
+        training = self.jobs.has("train")  # running or waiting behind another job: Cancel works on both
         have_model = self.session.segmenter is not None
         self.train_btn.setEnabled(have_model and not training)
         self.cancel_btn.setEnabled(training)
@@ -445,6 +445,7 @@ class FineTuneWidget(QWidget):
 
         self.jobs.submit("train", job, self._trained, on_error=lambda err: self.status.setText(f"failed: {err}"),
                          desc="fine-tuning", key="train")
+        self._refresh_buttons()
 
     def cancel(self) -> None:
         """Stop training at the next step; the model is restored exactly."""

@@ -378,13 +378,14 @@ class SegmentWidget(QWidget):
         """Runs in a worker: give the segmenter the source's image; with ``embed`` compute the
         features of its tiles overlapping ``region`` (all when None; cached). Without, the
         engine embeds the tiles a prompt needs when it needs them."""
-        if self._embedded != src.key or seg.image_shape is None:
+        key = src.key  # before reading the data: data replaced meanwhile must not pass for what was read
+        if self._embedded != key or seg.image_shape is None:
             if src.kind == "volume":
                 seg.set_normalized(self._volume(src)[src.z], embed=False)
             else:
                 data = layer_array(src.layer)
                 seg.set_image(data, channel_axis=src.channel_axis, channels=src.channels, embed=False)
-            self._embedded = src.key
+            self._embedded = key
         if embed:
             seg.embed_tiles(region, progress=report)
 
@@ -745,7 +746,12 @@ class SegmentWidget(QWidget):
                                                    "Existing labels are kept."):
             return
 
+        asked = src.image  # now: the job runs later, maybe after the layer's data was replaced
+
         def job(report: Report):
+            if src.image != asked:
+                raise ValueError(f"the data of {src.layer.name!r} was replaced before this Segment all started: "
+                                 "press Segment all again for the new data")
             data = layer_data(src.layer)
             if is_lazy(data) and target is None:
                 # A dask/zarr layer is read slice by slice into a lazy zarr result.
@@ -827,7 +833,16 @@ class SegmentWidget(QWidget):
             return propagate(seg, self._volume(src), src.z, points=pts, labels=labels, box=box, text=text,
                              progress=report)
 
+        asked = src.image  # now (it reads the layer's data when called): a result for other data is dropped
+
         def done(res) -> None:
+            try:
+                now = self.source()
+            except ValueError:
+                now = None
+            if now is None or now.image != asked:  # another image, or its data replaced (any slice is fine)
+                self.status.setText("propagation finished for an image no longer shown: result dropped")
+                return
             self.preview = res.labels > 0
             self.propagated = True
             self._show_preview(src)
