@@ -530,3 +530,34 @@ def test_late_results_of_replaced_or_switched_images_are_not_used(make_napari_vi
     _wait(qtbot, widget)
     assert "was replaced before this Segment all started" in _errors()[-1]
     assert not [lay for lay in viewer.layers if lay.name.startswith("nucleus (")]
+
+
+def test_renaming_the_chosen_image_keeps_it_chosen(make_napari_viewer, qtbot):
+    import torch
+
+    torch.manual_seed(0)
+    viewer = make_napari_viewer()
+    (img, _, _), _ = sample_2d()
+    viewer.add_image(img, name="first")
+    second = viewer.add_image(img.copy(), name="second")
+    widget = _panel(viewer, qtbot, Segmenter(ClipSam(tiny_config()), tile_size=0))
+    widget.image_combo.setCurrentText("second")
+    _wait(qtbot, widget)
+    changes = []
+    widget.image_combo.currentIndexChanged.connect(changes.append)
+    second.name = "renamed"
+    assert widget.image_combo.currentText() == "renamed" and widget.image_combo.value() is second
+    assert changes == []  # the same image: no re-embedding, the preview stays
+    viewer.layers["first"].name = "also renamed"  # another layer's name: listed, selection kept
+    assert "also renamed" in [widget.image_combo.itemText(i) for i in range(widget.image_combo.count())]
+    assert widget.image_combo.value() is second
+
+
+def test_no_screen_region_when_the_screen_shows_a_channel_axis(make_napari_viewer):
+    from napari_clipsam.widgets._common import visible_region
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(np.zeros((64, 80, 2), np.float32))  # (Y, X, C): napari shows X and C
+    assert visible_region(viewer, layer, channel_axis=2) is None  # was (y, x) from X and C: a bad region
+    viewer.dims.order = (2, 0, 1)  # now Y and X are on screen
+    assert visible_region(viewer, layer, channel_axis=2) is not None

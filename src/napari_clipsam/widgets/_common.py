@@ -274,7 +274,15 @@ class LayerCombo(QComboBox):
         self.currentIndexChanged.connect(self._remember)
         for ev in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.reordered):
             ev.connect(self.refresh)
+        viewer.layers.events.inserted.connect(self._on_inserted)
+        for lay in viewer.layers:
+            lay.events.name.connect(self.refresh)
         self.refresh()
+
+    def _on_inserted(self, event) -> None:
+        """A renamed layer is relisted under its new name (and stays selected if it was)."""
+        if alive(self):
+            event.value.events.name.connect(self.refresh)
 
     def _layers(self) -> list:
         import napari.layers
@@ -299,10 +307,13 @@ class LayerCombo(QComboBox):
         if not alive(self):
             return
         current = self.currentText()
+        layers = self._layers()
+        if self._chosen is not None and not isinstance(self._chosen, str) and any(lay is self._chosen for lay in layers):
+            current = self._chosen.name  # the chosen layer, under its name now (it may have been renamed)
         self.blockSignals(True)
         try:
             self.clear()
-            self.addItems(list(self.extra) + [lay.name for lay in self._layers()])
+            self.addItems(list(self.extra) + [lay.name for lay in layers])
             i = self.findText(current)
             self.setCurrentIndex(i if i >= 0 else 0)
         finally:
@@ -365,7 +376,8 @@ def current_z(viewer: napari.Viewer, layer, axis: int = 0) -> int:
 
 def visible_region(viewer: napari.Viewer, layer, channel_axis: int | None = None) -> tuple[float, float, float, float] | None:
     """The part of ``layer``'s (Y, X) plane on screen, ``(y0, x0, y1, x1)`` in data pixels (not
-    clipped to the image), or None when the viewer shows 3D or has no canvas size yet."""
+    clipped to the image), or None when the viewer shows 3D, shows other axes than the layer's
+    (Y, X), or has no canvas size yet."""
     h, w = viewer.canvas.size
     if viewer.dims.ndisplay != 2 or h <= 0 or w <= 0 or viewer.camera.zoom <= 0:
         return None
@@ -375,6 +387,9 @@ def visible_region(viewer: napari.Viewer, layer, channel_axis: int | None = None
     if channel_axis is not None:
         del axes[channel_axis]
     ya, xa = axes[-2:]
+    offset = viewer.dims.ndim - layer.ndim  # the layer's axes are the last of the world's
+    if tuple(viewer.dims.displayed[-2:]) != (ya + offset, xa + offset):
+        return None  # the screen shows other axes of it (e.g. X and the channels of a (Y, X, C) layer)
     corners = []
     for y, x in ((cy - dy, cx - dx), (cy + dy, cx + dx)):
         point = list(viewer.dims.point[-layer.ndim:])
