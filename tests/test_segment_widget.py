@@ -561,3 +561,29 @@ def test_no_screen_region_when_the_screen_shows_a_channel_axis(make_napari_viewe
     assert visible_region(viewer, layer, channel_axis=2) is None  # was (y, x) from X and C: a bad region
     viewer.dims.order = (2, 0, 1)  # now Y and X are on screen
     assert visible_region(viewer, layer, channel_axis=2) is not None
+
+
+def test_prompt_layers_follow_the_images_dimensionality(make_napari_viewer, qtbot):
+    """A 2D click is not read as a click on slice `row` of a volume that replaced the image (nor
+    3D clicks as 2D ones): the prompt layers are made anew for the new dimensionality."""
+    import torch
+
+    torch.manual_seed(0)
+    viewer = make_napari_viewer()
+    (img, _, _), _ = sample_2d()
+    (vol, _, _), _ = sample_3d()
+    layer = viewer.add_image(img, name="image")
+    widget = _panel(viewer, qtbot, Segmenter(ClipSam(tiny_config()), tile_size=0))
+    _click(widget, viewer, 8, 60)
+    _wait(qtbot, widget)
+    assert widget.preview is not None
+    layer.data = vol  # 2D → 3D
+    _wait(qtbot, widget)
+    points = viewer.layers["clipsam points"]
+    assert points.ndim == 3 and len(points.data) == 0 and widget.preview is None
+    assert widget.prompts(widget.source()) == (None, None, None)
+    _click(widget, viewer, 100, 120, z=4)
+    _wait(qtbot, widget)
+    layer.data = img  # 3D → 2D
+    _wait(qtbot, widget)
+    assert viewer.layers["clipsam points"].ndim == 2 and widget.preview is None

@@ -393,9 +393,24 @@ class SegmentWidget(QWidget):
         if not alive(self):
             return
         self._watch(self.image_combo.value())
+        self._refit_prompt_layers()
         self.preview = None
         self._show_preview()
         self.prefetch()
+
+    def _refit_prompt_layers(self) -> None:
+        """Prompt layers made for an image of other dimensionality (2D clicks on a volume, or
+        the reverse) are made anew for the chosen image: their clicks mean nothing there."""
+        layer = self.image_combo.value()
+        prompts = [lay for lay in (self._layer(POINTS_NAME), self._layer(BOXES_NAME)) if lay is not None]
+        if layer is None or not prompts:
+            return
+        try:
+            shape = spatial_shape(layer, self._channels()[0])
+        except (ValueError, IndexError):
+            return
+        if any(lay.ndim != len(shape) for lay in prompts):
+            self.ensure_prompt_layers()
 
     def _watch(self, layer) -> None:
         """Follow the chosen image layer's data: replaced data is a new image (see :meth:`_on_image_data`)."""
@@ -414,6 +429,7 @@ class SegmentWidget(QWidget):
             return
         self._embedded = None
         self._volumes = {}
+        self._refit_prompt_layers()
         self.preview, self.propagated = None, False
         self._show_preview()
         self.prefetch()
@@ -528,7 +544,10 @@ class SegmentWidget(QWidget):
     def prompts(self, src: Source) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
         """(points (N, 2) as (x, y), labels (N,), box (x0, y0, x1, y1)) on the current image/slice."""
         pts = labels = box = None
+        ndim = len(spatial_shape(src.layer, src.channel_axis))
         points = self._layer(POINTS_NAME)
+        if points is not None and points.ndim != ndim:  # made for another image: not prompts for this one
+            points = None
         if points is not None and len(points.data):
             data = np.asarray(points.data, np.float64)
             pos = np.asarray(points.features["positive"], bool)
@@ -541,6 +560,8 @@ class SegmentWidget(QWidget):
                 h, w = spatial_shape(src.layer, src.channel_axis)[-2:]
                 pts = np.clip(pts, 0, [w - 1, h - 1]).astype(np.float32)
         boxes = self._layer(BOXES_NAME)
+        if boxes is not None and boxes.ndim != ndim:
+            boxes = None
         if boxes is not None and len(boxes.data):
             for verts, kind in zip(boxes.data[::-1], boxes.shape_type[::-1]):
                 verts = np.asarray(verts, np.float64)
