@@ -587,3 +587,27 @@ def test_prompt_layers_follow_the_images_dimensionality(make_napari_viewer, qtbo
     layer.data = img  # 3D → 2D
     _wait(qtbot, widget)
     assert viewer.layers["clipsam points"].ndim == 2 and widget.preview is None
+
+
+def test_a_click_lands_on_the_pixel_under_it_after_switching_to_an_image_placed_elsewhere(make_napari_viewer, qtbot):
+    import torch
+
+    torch.manual_seed(0)
+    viewer = make_napari_viewer()
+    (img, _, _), _ = sample_2d()
+    viewer.add_image(img, name="A")
+    b = viewer.add_image(img[::-1].copy(), name="B", translate=(0, 300), scale=(0.5, 0.5))
+    widget = _panel(viewer, qtbot, Segmenter(ClipSam(tiny_config()), tile_size=0))
+    widget.image_combo.setCurrentText("A")
+    _click(widget, viewer, 50, 60)  # prompt layers made for A
+    _wait(qtbot, widget)
+    widget.clear()
+    widget.image_combo.setCurrentText("B")
+    _wait(qtbot, widget)
+    points = viewer.layers["clipsam points"]
+    world = b.data_to_world([100, 120])  # where the user clicks on B's pixel (row 100, col 120)
+    points.add([points.world_to_data(world)])
+    _wait(qtbot, widget)
+    pts, _, _ = widget.prompts(widget.source())
+    np.testing.assert_allclose(pts, [[120, 100]], atol=1e-4)  # (x, y) of that pixel of B
+    assert tuple(viewer.layers["clipsam preview"].translate) == (0, 300)

@@ -399,18 +399,31 @@ class SegmentWidget(QWidget):
         self.prefetch()
 
     def _refit_prompt_layers(self) -> None:
-        """Prompt layers made for an image of other dimensionality (2D clicks on a volume, or
-        the reverse) are made anew for the chosen image: their clicks mean nothing there."""
+        """Prompt layers follow the chosen image: made anew for an image of other dimensionality
+        (2D clicks on a volume, or the reverse, mean nothing there), and moved to its scale and
+        translate (so that a click lands on the pixel under it; earlier clicks keep their place
+        on screen)."""
         layer = self.image_combo.value()
         prompts = [lay for lay in (self._layer(POINTS_NAME), self._layer(BOXES_NAME)) if lay is not None]
         if layer is None or not prompts:
             return
         try:
-            shape = spatial_shape(layer, self._channels()[0])
+            axis = self._channels()[0]
+            shape = spatial_shape(layer, axis)
         except (ValueError, IndexError):
             return
         if any(lay.ndim != len(shape) for lay in prompts):
             self.ensure_prompt_layers()
+        tf = self._spatial_transform(layer, axis)
+        new_s, new_t = np.asarray(tf["scale"], float), np.asarray(tf["translate"], float)
+        for lay in (self._layer(POINTS_NAME), self._layer(BOXES_NAME)):
+            old_s, old_t = np.asarray(lay.scale, float), np.asarray(lay.translate, float)
+            if np.allclose(old_s, new_s) and np.allclose(old_t, new_t):
+                continue
+            move = lambda d: (np.asarray(d, float) * old_s + old_t - new_t) / new_s  # noqa: E731 (same world place)
+            data = move(lay.data) if lay.name == POINTS_NAME else [move(d) for d in lay.data]
+            lay.scale, lay.translate = new_s, new_t
+            lay.data = data
 
     def _watch(self, layer) -> None:
         """Follow the chosen image layer's data: replaced data is a new image (see :meth:`_on_image_data`)."""
@@ -666,6 +679,9 @@ class SegmentWidget(QWidget):
             self._reselect_prompts()
         else:
             layer.data = data
+            if src is not None:  # the image shown now may sit elsewhere than the one before
+                tf = self._spatial_transform(src.layer, src.channel_axis)
+                layer.scale, layer.translate = tf["scale"], tf["translate"]
 
     def _reselect_prompts(self) -> None:
         points = self._layer(POINTS_NAME)
