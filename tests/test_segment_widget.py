@@ -602,6 +602,7 @@ def test_a_click_lands_on_the_pixel_under_it_after_switching_to_an_image_placed_
     _click(widget, viewer, 50, 60)  # prompt layers made for A
     _wait(qtbot, widget)
     widget.clear()
+    viewer.layers.remove("clipsam boxes")  # a prompt layer the user removed is no trouble
     widget.image_combo.setCurrentText("B")
     _wait(qtbot, widget)
     points = viewer.layers["clipsam points"]

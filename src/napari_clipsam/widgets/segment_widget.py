@@ -417,6 +417,8 @@ class SegmentWidget(QWidget):
         tf = self._spatial_transform(layer, axis)
         new_s, new_t = np.asarray(tf["scale"], float), np.asarray(tf["translate"], float)
         for lay in (self._layer(POINTS_NAME), self._layer(BOXES_NAME)):
+            if lay is None:  # the user removed one of them
+                continue
             old_s, old_t = np.asarray(lay.scale, float), np.asarray(lay.translate, float)
             if np.allclose(old_s, new_s) and np.allclose(old_t, new_t):
                 continue
