@@ -364,6 +364,32 @@ def test_segment_all_pressed_again_while_it_runs_runs_once(make_napari_viewer, q
     assert started.count("segment_all") == 3 and len(results()) == 3
 
 
+def test_closing_stops_the_running_job_at_its_next_progress_step(qtbot):
+    """When the viewer closes, a long job (Segment all on a large image) stops at its next progress
+    report instead of running to its end while the window waits; it shows no error."""
+    import threading
+
+    from napari_clipsam.widgets._common import Jobs
+
+    jobs = Jobs()
+    steps, done, errors, running = [], [], [], threading.Event()
+
+    def work(report):
+        for i in range(2000):
+            report(i, 2000, "tile")
+            running.set()
+            steps.append(i)
+            time.sleep(0.005)
+        return "finished"
+
+    jobs.submit("segment_all", work, on_done=done.append, on_error=errors.append, desc="Segment all")
+    assert running.wait(30)
+    jobs.shutdown()
+    qtbot.waitUntil(lambda: not jobs.busy, timeout=30_000)
+    assert 0 < len(steps) < 2000 and done == [] and errors == []
+    assert not jobs.submit("later", lambda report: None)  # nothing starts after closing
+
+
 def test_segment_all_never_overflows_a_narrow_target(make_napari_viewer, qtbot):
     """Segment all into a uint8 layer whose ids would pass 255: refused before writing, layer untouched."""
     from types import SimpleNamespace

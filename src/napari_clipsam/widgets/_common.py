@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 Report = Callable[[int, int, str], None]
 
 
+class JobCancelled(Exception):
+    """Raised by a job's ``report`` once its viewer is closing: the job stops at its next progress
+    step (a tile, a decode chunk, a slice) instead of running to its end while the window waits."""
+
+
 def alive(obj: QObject) -> bool:
     """Whether the Qt object behind ``obj`` still exists (napari events may outlive closed widgets)."""
     try:
@@ -71,7 +76,8 @@ class Jobs(QObject):
     the main thread. With ``coalesce`` a job still waiting under the same name is replaced (the
     latest prompt wins). ``desc`` shows a napari progress bar fed by ``report``. Errors are shown
     as notifications ``"<desc or name>: <message>"`` (and passed to ``on_error``). A job with a
-    ``key`` is not queued while one with an equal key runs or waits (:meth:`has`).
+    ``key`` is not queued while one with an equal key runs or waits (:meth:`has`). After
+    :meth:`shutdown`, ``report`` raises :class:`JobCancelled` in the running job.
     """
 
     progressed = Signal(int, int, str)
@@ -133,13 +139,19 @@ class Jobs(QObject):
             from napari.utils import progress
 
             self._pbar = progress(total=0, desc=job.desc)
-        worker = create_worker(job.fn, self.progressed.emit, _ignore_errors=True)
+        worker = create_worker(job.fn, self._report, _ignore_errors=True)
         worker.returned.connect(self._on_returned)
         worker.errored.connect(self._on_errored)
         worker.finished.connect(self._on_finished)
         self._worker = worker
         self.started.emit(job.name)
         worker.start()
+
+    def _report(self, done: int, total: int, message: str) -> None:
+        """The running job's ``report`` (its thread): progress, or the end of the job once closing."""
+        if self._closed:
+            raise JobCancelled("the viewer is closing")
+        self.progressed.emit(done, total, message)
 
     def _on_progress(self, done: int, total: int, message: str) -> None:
         pbar, job = self._pbar, self._current
@@ -163,6 +175,9 @@ class Jobs(QObject):
 
     def _on_errored(self, err: BaseException) -> None:
         job = self._current
+        if isinstance(err, JobCancelled):
+            log.info("job %s stopped: %s", job.name if job else "?", err)
+            return
         log.info("job %s failed: %s", job.name if job else "?", err, exc_info=err)
         show_error(f"{(job.desc or job.name) if job else 'napari-clipsam'}: {err}")
         if job is not None and job.on_error is not None:
