@@ -166,7 +166,9 @@ class FineTuneResult:
     history: one dict per validation (step, loss, val_score and the measures it averages);
     losses: the loss of every step; start_metrics / best_metrics: validation before training /
     of the kept weights; split: names of train/val examples and how validation was made (``"examples"``,
-    ``"crop"`` or ``"train"`` when nothing could be held out).
+    ``"crop"`` or ``"train"`` when nothing could be held out). A cancelled run's result has
+    ``cancelled`` True and nothing else (0 steps, no history or losses): none of it is in the model,
+    which is as it was before.
     """
 
     cancelled: bool
