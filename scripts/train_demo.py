@@ -24,13 +24,22 @@ where one of two touching nuclei ends.
 
 On CPUs with native bf16 matmuls the forward pass runs under bf16 autocast (fp32 weights and
 loss; ~1.2× faster, so more steps fit). Deterministic given ``--seed`` on the same CPU and torch
-build (one worker process makes the data). The shipped demo was made in two stages: the model
-without the skip; then the skip added (at zero) and the mask decoder alone trained on (the rest
-frozen: cheaper steps), the skip ``NEW_LR_FACTOR``× faster than the rest of the decoder. Its
-metadata records both runs and their training times (together under 30 minutes)::
+build (one worker process makes the data). The shipped demo was made in three stages:
+
+1. the model without the skip;
+2. the skip added (at zero) and the mask decoder alone trained on (the rest frozen: cheaper
+   steps), the skip ``NEW_LR_FACTOR``× faster than the rest of the decoder;
+3. the mask decoder alone again, a tenth of its rows on object-free backgrounds (``--p-empty``:
+   once normalised, their noise and haze fill the whole range, and the model of stage 2 found
+   ~30 objects per such image, over the three texts) and SAM's three masks per click trained too (``--multimask``:
+   the lowest loss of the three, as SAM trains them; before, they were untrained).
+
+Its metadata records the runs, the CPU of each and their training times (together under 30
+minutes; stages 1 and 2 ran on an AMD EPYC with bf16, stage 3 on an Intel Xeon in fp32)::
 
     python scripts/train_demo.py --steps 2400 --seed 0 --no-stem-skip --out stage1.safetensors
-    python scripts/train_demo.py --init stage1.safetensors --decoder-only --steps 480 --lr 2e-4 --seed 1
+    python scripts/train_demo.py --init stage1.safetensors --decoder-only --steps 480 --lr 2e-4 --seed 1 --out stage2.safetensors
+    python scripts/train_demo.py --init stage2.safetensors --decoder-only --steps 70 --lr 2e-4 --seed 2 --p-empty 0.1 --multimask
 
 Training the whole model in the second stage gained about as much but cost twice as much per step.
 """
@@ -55,7 +64,7 @@ from napari_clipsam.models.fast import cpu_has_fast_bf16, cpu_model
 from napari_clipsam.models.sam_parts import SamConfig
 from napari_clipsam.engine.preprocess import fraction_to_logits, normalize_image
 from napari_clipsam.engine.volume import mask_prompts
-from napari_clipsam.training.losses import LossWeights, mask_loss
+from napari_clipsam.training.losses import LossWeights, dice_loss, focal_loss, mask_iou, mask_loss
 
 log = logging.getLogger("train_demo")
 
@@ -131,12 +140,16 @@ def _item(image: np.ndarray, labels: np.ndarray, classes: dict[int, str]) -> _It
     return _Item(normalize_image(image)[..., 0].astype(np.float16), labels, ids, gaps, deep, touching)
 
 
-def _fresh_item(rng: np.random.Generator, volume_fraction: float = 0.1) -> _Item:
-    """A new training image: a 2D image (15 % of them domain-shifted) or a z-slice of a volume,
-    in a random one of the 8 rotations/flips, with a random training seed."""
+def _fresh_item(rng: np.random.Generator, volume_fraction: float = 0.1, p_empty: float = 0.0) -> _Item:
+    """A new training image: a 2D image (15 % of them domain-shifted), a z-slice of a volume, or
+    (a ``p_empty`` share) an object-free background, in a random one of the 8 rotations/flips,
+    with a random training seed."""
     seed = int(TRAIN_SEEDS[int(rng.integers(len(TRAIN_SEEDS)))])
     shift = float(rng.random() < 0.15) * rng.random() * 0.5
-    if rng.random() < volume_fraction:
+    if p_empty and rng.random() < p_empty:  # normalised, its noise and haze fill the whole range: no object anywhere
+        sample = make_image(seed, size=256, counts={c: 0 for c in CONCEPTS}, domain_shift=shift)
+        image, labels, classes = sample.image, sample.labels, sample.classes
+    elif rng.random() < volume_fraction:
         vol = make_volume(seed, shape=(8, 256, 256), domain_shift=shift, p_absent=0.35)
         z = int(rng.integers(vol.image.shape[0]))
         image, labels, classes = vol.image[z], vol.labels[z], vol.classes
@@ -215,7 +228,8 @@ def instance_task(item: _Item, concept: str, kind: str, npos: int, rng: np.rando
     ys, xs = np.nonzero(target)
     box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
     box += rng.normal(0, 0.05 * max(box[2] - box[0], box[3] - box[1]), 4).astype(np.float32)
-    return {"boxes": np.clip(box, 0, size)}, _down(target, m)
+    box = np.clip(box, 0, size)  # jitter can cross the corners of a box around a thin object: reorder them
+    return {"boxes": np.concatenate([np.minimum(box[:2], box[2:]), np.maximum(box[:2], box[2:])])}, _down(target, m)
 
 
 # From scratch, thin and small objects need recall: unbalanced focal + dice rather than SAM's 20:1.
@@ -225,15 +239,17 @@ INSTANCES_PER_ROW = 4  # instance prompts decoded per encoded (image, text) row
 TEXT_WEIGHT, INSTANCE_WEIGHT = 1.5, 0.5  # loss weight of a text-only mask and of an instance mask
 
 
-def make_batch(batch: int, rng: np.random.Generator, m: int, size: int):
+def make_batch(batch: int, rng: np.random.Generator, m: int, size: int, p_empty: float = 0.0):
     """A batch of ``batch`` fresh (image, text) rows, each decoded as text only (→ the concept's union
     mask less its touch gaps, empty when absent) and, when the concept is present, with ``INSTANCES_PER_ROW`` instance
-    prompts → (images (B, 3, S, S), texts, [Prompts per kind], targets (N, 1, m, m), weights (N,))."""
+    prompts → (images (B, 3, S, S), texts, kinds ("text" and ``INSTANCE_KINDS`` present, in order), [Prompts per
+    kind], targets (N, 1, m, m), weights (N,)).
+    ``p_empty``: the share of rows whose image has no object at all (text target: empty)."""
     images, texts = [], []
     groups: dict[str, list] = {"text": []}
     npos = int(rng.integers(2, 4))
     for b in range(batch):
-        item = _fresh_item(rng)
+        item = _fresh_item(rng, p_empty=p_empty)
         gamma = float(np.exp(rng.normal(0, 0.2)))
         img = np.clip(item.image.astype(np.float32), 0, 1) ** gamma
         images.append(torch.from_numpy(img)[None].expand(3, -1, -1))
@@ -255,25 +271,41 @@ def make_batch(batch: int, rng: np.random.Generator, m: int, size: int):
                 kw, target = instance_task(item, concept, kind, npos, rng, m, size)
                 groups.setdefault(kind, []).append((b, kw, target, INSTANCE_WEIGHT))
     prompts, targets, weights = [], [], []
+    kinds = list(groups)
     for kind, rows in groups.items():
         kw = {k: torch.from_numpy(np.stack([r[1][k] for r in rows])) for k in rows[0][1]}
         prompts.append(Prompts(torch.tensor([r[0] for r in rows]), **kw))
         targets += [r[2] for r in rows]
         weights += [r[3] for r in rows]
-    return (torch.stack(images), texts, prompts, torch.from_numpy(np.stack(targets))[:, None],
+    return (torch.stack(images), texts, kinds, prompts, torch.from_numpy(np.stack(targets))[:, None],
             torch.tensor(weights))
+
+
+MULTIMASK_WEIGHT = 0.5  # of the single-click rows' multimask loss, beside the batch's loss
+
+
+def multimask_loss(logits: torch.Tensor, targets: torch.Tensor, iou_pred: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """SAM's loss for its three masks per click: (N, 3, m, m) logits against (N, 1, m, m) targets →
+    (the mean over clicks of the lowest of the three masks' losses, plus the IoU head's error on
+    all three; that loss as a float). Only the best mask learns from each click, so the three
+    can specialise (an ambiguous click: part, object, group)."""
+    wide = targets.expand_as(logits)
+    per = LOSS.focal * focal_loss(logits, wide, LOSS.focal_alpha, LOSS.focal_gamma) + LOSS.dice * dice_loss(logits, wide)
+    iou_mse = ((iou_pred - mask_iou(logits.detach(), wide)) ** 2).mean()
+    total = per.min(1).values.mean() + LOSS.iou * iou_mse
+    return total, float(total.detach())
 
 
 class _Batches(torch.utils.data.IterableDataset):
     """Endless training batches, made in a worker process while the main one trains."""
 
-    def __init__(self, seed: int, batch: int, m: int, size: int):
-        self.seed, self.batch, self.m, self.size = seed, batch, m, size
+    def __init__(self, seed: int, batch: int, m: int, size: int, p_empty: float):
+        self.seed, self.batch, self.m, self.size, self.p_empty = seed, batch, m, size, p_empty
 
     def __iter__(self):
         rng = np.random.default_rng(self.seed)
         while True:
-            yield make_batch(self.batch, rng, self.m, self.size)
+            yield make_batch(self.batch, rng, self.m, self.size, self.p_empty)
 
 
 def grown(model: ClipSam, stem_skip: bool) -> tuple[ClipSam, set[str]]:
@@ -292,10 +324,13 @@ def grown(model: ClipSam, stem_skip: bool) -> tuple[ClipSam, set[str]]:
 
 
 def train(steps: int, batch: int, seed: int, lr: float, out: Path | None, log_every: int = 50,
-          init: Path | None = None, bf16: bool = False, stem_skip: bool = True, decoder_only: bool = False) -> ClipSam:
+          init: Path | None = None, bf16: bool = False, stem_skip: bool = True, decoder_only: bool = False,
+          p_empty: float = 0.0, multimask: bool = False) -> ClipSam:
     torch.manual_seed(seed)
     model, new = (ClipSam(demo_config(stem_skip)), set()) if init is None else grown(ClipSam.load(init), stem_skip)
-    stages = list(model.file_metadata.get("stages", [])) if init is not None else []
+    stages = [dict(st) for st in model.file_metadata.get("stages", [])] if init is not None else []
+    for st in stages:  # files from before stages recorded their CPU: all their stages ran on the file's
+        st.setdefault("cpu", model.file_metadata.get("cpu"))
     model.semantics.clip.requires_grad_(True)  # from scratch: the text tower learns the words
     if decoder_only:  # a later stage for the mask decoder alone (the rest runs without gradients)
         model.requires_grad_(False)
@@ -304,7 +339,7 @@ def train(steps: int, batch: int, seed: int, lr: float, out: Path | None, log_ev
     m, size = model.mask_size, model.img_size
     # One process generates fresh images (never the same twice) while this one trains on 1 thread:
     # on 2 cores that is faster than 2 training threads on a fixed pool.
-    batches = iter(torch.utils.data.DataLoader(_Batches(seed, batch, m, size), batch_size=None, num_workers=1,
+    batches = iter(torch.utils.data.DataLoader(_Batches(seed, batch, m, size, p_empty), batch_size=None, num_workers=1,
                                                prefetch_factor=4))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -316,10 +351,19 @@ def train(steps: int, batch: int, seed: int, lr: float, out: Path | None, log_ev
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
     t0 = time.time()
     for step in range(steps):
-        images, texts, prompts, targets, weights = next(batches)
+        images, texts, kinds, prompts, targets, weights = next(batches)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # fp32 weights, bf16 matmuls
-            logits, iou = model(images, texts, prompts)
+            enc = model.encode(images, texts)
+            logits, iou = model.decode(enc, prompts)
         loss, parts = mask_loss(logits.float(), targets, iou.float(), LOSS, sample_weights=weights)
+        if multimask and "point" in kinds:
+            k = kinds.index("point")
+            start = sum(len(p.image_index) for p in prompts[:k])
+            rows = slice(start, start + len(prompts[k].image_index))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                many, many_iou = model.decode(enc, prompts[k], multimask=True)
+            extra, parts["multimask"] = multimask_loss(many.float(), targets[rows], many_iou.float())
+            loss = loss + MULTIMASK_WEIGHT * extra
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -335,8 +379,10 @@ def train(steps: int, batch: int, seed: int, lr: float, out: Path | None, log_ev
     train_s = time.time() - t0
     if out is not None:
         autocast = "bfloat16" if bf16 else "none"
-        stages.append({"seed": seed, "steps": steps, "batch": batch, "lr": lr, "autocast": autocast,
+        stages.append({"seed": seed, "steps": steps, "batch": batch, "lr": lr, "autocast": autocast, "cpu": cpu_model(),
                        "trained": "mask decoder" if decoder_only else "all",
+                       **({"p_empty": p_empty} if p_empty else {}),
+                       **({"multimask": {"weight": MULTIMASK_WEIGHT, "prompts": "point"}} if multimask else {}),
                        "train_seconds": round(train_s, 1), "init": "previous stage" if init is not None else "random",
                        **({"added": "sam.mask_decoder.stem_skip", "added_lr_factor": NEW_LR_FACTOR} if new else {})})
         meta = {"name": "demo", "trained_by": "scripts/train_demo.py", "seed": seed, "steps": steps, "batch": batch, "lr": lr,
@@ -345,7 +391,8 @@ def train(steps: int, batch: int, seed: int, lr: float, out: Path | None, log_ev
                 "touch_gap_px": TOUCH_GAP, "p_absent_text": P_ABSENT_TEXT, "train_seconds": round(sum(st["train_seconds"] for st in stages), 1),
                 "stages": stages, "concepts": list(CONCEPTS),
                 "synonyms": {k: list(v) for k, v in SYNONYMS.items()}, "torch": torch.__version__,
-                "threads": torch.get_num_threads(), "data": "fresh napari_clipsam.data.synthetic images (make_image, 10 % make_volume slices), seeds < 100000"}
+                "threads": torch.get_num_threads(), "data": "fresh napari_clipsam.data.synthetic images (make_image, 10 % make_volume slices; "
+                                                              "a stage's p_empty share object-free), seeds < 100000"}
         out.parent.mkdir(parents=True, exist_ok=True)
         model.save(out, metadata=meta, half=True, overwrite=True)
         log.info("saved %s (%.1f MB) after %.0fs of training", out, out.stat().st_size / 1e6, train_s)
@@ -366,6 +413,10 @@ def main(argv=None) -> None:
                     help="continue from a model written by an earlier stage (new seed, new schedule)")
     ap.add_argument("--decoder-only", action="store_true",
                     help="train only the mask decoder (with --init: a cheap later stage)")
+    ap.add_argument("--p-empty", type=float, default=0.0,
+                    help="share of rows whose image has no object at all (its text target is empty)")
+    ap.add_argument("--multimask", action="store_true",
+                    help="also train SAM's three masks per single click (the lowest of their losses)")
     ap.add_argument("--stem-skip", action=argparse.BooleanOptionalAction, default=True,
                     help="the mask head's skip from the patch stem (models.stem_skip); added, at zero, to an "
                          "--init model that has none")
@@ -376,7 +427,7 @@ def main(argv=None) -> None:
     torch.set_flush_denormal(True)  # denormals from near-black images slow the CPU backward down
     bf16 = cpu_has_fast_bf16() if args.bf16 is None else args.bf16
     train(args.steps, args.batch, args.seed, args.lr, args.out, init=args.init, bf16=bf16, stem_skip=args.stem_skip,
-          decoder_only=args.decoder_only)
+          decoder_only=args.decoder_only, p_empty=args.p_empty, multimask=args.multimask)
 
 
 if __name__ == "__main__":
