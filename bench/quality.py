@@ -7,6 +7,9 @@ Prints a table and writes ``bench/quality.json`` (and ``bench/few_label_curve.pn
     python bench/quality.py --quick      # 12 images, shorter curve
 
 Held-out images use seeds from 1_000_000 on; the demo was trained on seeds below 100_000.
+Two more rows: instances found on object-free backgrounds (every one a false positive; half of
+them with ``domain_shift=0.5``), and the IoU of the best of SAM's three masks
+(``predict(multimask=True)``) beside the single mask for a click at an object's interior point.
 The learning curve fine-tunes the demo with default settings on 0, 1, 2, 3 and 5 labelled
 images of the shifted domain (``domain_shift``) and scores nucleus instance F1@0.5 of
 ``segment_text("nucleus")`` on held-out shifted images.
@@ -25,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_clipsam.data.synthetic import make_image
+from napari_clipsam.data.synthetic import CONCEPTS, make_image
 from napari_clipsam.engine.segmenter import Segmenter
-from napari_clipsam.evaluation import evaluate, match_instances, f1_score
+from napari_clipsam.evaluation import evaluate, f1_score, interior_point, mask_iou, match_instances
 from napari_clipsam.models.registry import load_model
 from napari_clipsam.training.examples import examples_from_arrays
 from napari_clipsam.training.finetune import FineTuneConfig, finetune
@@ -35,12 +38,41 @@ from napari_clipsam.training.finetune import FineTuneConfig, finetune
 HELD_OUT = 1_000_000
 SHIFT_TRAIN = 2_000_000
 SHIFT_TEST = 3_000_000
+BACKGROUNDS = 4_000_000
 
 
 def quality_table(model_name: str, n: int) -> dict:
     seg = Segmenter(load_model(model_name))
     samples = [make_image(HELD_OUT + i) for i in range(n)]
     return evaluate(seg, samples)
+
+
+def background_instances(seg: Segmenter, n: int) -> dict[str, int]:
+    """Instances each text finds on ``n`` object-free backgrounds (every one a false positive)."""
+    found = dict.fromkeys(CONCEPTS, 0)
+    for i in range(n):
+        seg.set_image(make_image(BACKGROUNDS + i, counts=dict.fromkeys(CONCEPTS, 0), domain_shift=0.5 * (i % 2)).image)
+        for c in CONCEPTS:
+            found[c] += len(seg.segment_text(c))
+    return found
+
+
+def click_masks(seg: Segmenter, n: int, per_concept: int = 3) -> dict[str, float]:
+    """Mean IoU of the single mask and of the best of three for text + one click at an object's
+    interior point (up to ``per_concept`` objects per concept on each of ``n`` held-out images)."""
+    single, best = [], []
+    for i in range(n):
+        sample = make_image(HELD_OUT + i)
+        seg.set_image(sample.image)
+        for c in CONCEPTS:
+            gt = sample.instance_labels(c)
+            for k in np.unique(gt[gt > 0])[:per_concept]:
+                target = gt == k
+                click = [interior_point(target)]
+                single.append(mask_iou(seg.predict(points=click, labels=[1], text=c)[0], target))
+                best.append(mask_iou(seg.predict(points=click, labels=[1], text=c, multimask=True)[0], target))
+    return {"clicks": len(single), "single_iou": round(float(np.mean(single)), 3),
+            "best_of_three_iou": round(float(np.mean(best)), 3)}
 
 
 def shifted_f1(model, n_test: int, shift: float, text: str = "nucleus") -> float:
@@ -109,7 +141,17 @@ def main(argv=None) -> int:
     print(f"{'concept':<15}" + "".join(f"{c:>18}" for c in cols))
     for concept, row in table.items():
         print(f"{concept:<15}" + "".join(f"{row[c]:>18.3f}" if isinstance(row[c], float) else f"{row[c]:>18}" for c in cols))
+    seg = Segmenter(load_model(args.model))
+    nb = 4 if args.quick else 8
+    backgrounds = background_instances(seg, nb)
+    print(f"\ninstances on {nb} object-free backgrounds (false positives): {backgrounds}")
+    clicks = click_masks(seg, 4 if args.quick else 12)
+    print(f"text + 1 click, {clicks['clicks']} clicks: single mask IoU {clicks['single_iou']:.3f}, "
+          f"best of three {clicks['best_of_three_iou']:.3f}")
     result = {"model": args.model, "images": n, "seeds": f"{HELD_OUT}..{HELD_OUT + n - 1}", "quality": table,
+              "object_free_backgrounds": {"images": nb, "seeds": f"{BACKGROUNDS}..{BACKGROUNDS + nb - 1}",
+                                          "instances": backgrounds},
+              "click_masks": clicks,
               "eval_seconds": round(eval_s, 1),
               "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__, "python": sys.version.split()[0]}}
