@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_clipsam.data.synthetic import make_image
+from napari_clipsam.data.synthetic import CONCEPTS, make_image
 from napari_clipsam.engine.segmenter import Segmenter
 from napari_clipsam.evaluation import evaluate, instance_f1, interior_point, mask_iou, match_instances
 from napari_clipsam.models.clipsam import ClipSam
@@ -40,8 +40,10 @@ def test_demo_loads_offline_by_name(demo):
 def test_demo_was_trained_within_30_minutes(demo):
     meta = demo.file_metadata
     assert meta["train_seconds"] == pytest.approx(sum(st["train_seconds"] for st in meta["stages"]), abs=0.5)
-    assert meta["train_seconds"] <= 30 * 60  # measured 1720 s: 1409 s + 311 s (decoder with the stem skip)
-    assert demo.config.sam.stem_skip and meta["stages"][-1]["added"] == "sam.mask_decoder.stem_skip"
+    # measured 1786 s: 1409 s + 311 s (decoder with the stem skip) + 67 s (decoder, object-free backgrounds)
+    assert meta["train_seconds"] <= 30 * 60
+    assert demo.config.sam.stem_skip and [st.get("added") for st in meta["stages"]][1] == "sam.mask_decoder.stem_skip"
+    assert meta["stages"][-1]["p_empty"] > 0
 
 
 def test_text_only_iou(scores):
@@ -71,7 +73,19 @@ def test_a_click_on_a_crowded_nucleus_returns_that_nucleus(demo):
             target = gt == k
             mask, _ = seg.predict(points=[interior_point(target)], labels=[1], text="nucleus")
             ious.append(mask_iou(mask, target))
-    assert len(ious) == 80 and np.mean(ious) >= 0.72, np.mean(ious)  # measured 0.754 (before the skip: 0.702)
+    assert len(ious) == 80 and np.mean(ious) >= 0.72, np.mean(ious)  # measured 0.762 (two-stage demo: 0.752; before the skip: 0.702)
+
+
+def test_no_objects_on_object_free_backgrounds(demo):
+    """An image with no object at all (normalised, its noise and haze fill the whole range) gives
+    no instance for any text: the demo's last training stage showed it such backgrounds."""
+    seg = Segmenter(demo)
+    found = {}
+    for i in range(4):
+        seg.set_image(make_image(HELD_OUT + 900 + i, counts={c: 0 for c in CONCEPTS}, domain_shift=0.5 * (i % 2)).image)
+        for c in CONCEPTS:
+            found[(i, c)] = len(seg.segment_text(c))
+    assert sum(found.values()) <= 2, found  # measured 0 (before the third stage: 73)
 
 
 def test_leakage_and_absent(scores):
