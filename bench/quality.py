@@ -41,8 +41,7 @@ SHIFT_TEST = 3_000_000
 BACKGROUNDS = 4_000_000
 
 
-def quality_table(model_name: str, n: int) -> dict:
-    seg = Segmenter(load_model(model_name))
+def quality_table(seg: Segmenter, n: int) -> dict:
     samples = [make_image(HELD_OUT + i) for i in range(n)]
     return evaluate(seg, samples)
 
@@ -57,7 +56,7 @@ def background_instances(seg: Segmenter, n: int) -> dict[str, int]:
     return found
 
 
-def click_masks(seg: Segmenter, n: int, per_concept: int = 3) -> dict[str, float]:
+def click_masks(seg: Segmenter, n: int, per_concept: int = 3) -> dict:
     """Mean IoU of the single mask and of the best of three for text + one click at an object's
     interior point (up to ``per_concept`` objects per concept on each of ``n`` held-out images)."""
     single, best = [], []
@@ -134,14 +133,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     n = 12 if args.quick else args.images
     t0 = time.time()
-    table = quality_table(args.model, n)
+    seg = Segmenter(load_model(args.model))
+    table = quality_table(seg, n)
     eval_s = time.time() - t0
     print(f"\nHeld-out quality of '{args.model}' on {n} synthetic images ({eval_s:.0f} s)")
     cols = ["text_iou", "point_iou", "leakage", "absent_empty_rate", "instance_f1", "n_present", "n_absent"]
     print(f"{'concept':<15}" + "".join(f"{c:>18}" for c in cols))
     for concept, row in table.items():
         print(f"{concept:<15}" + "".join(f"{row[c]:>18.3f}" if isinstance(row[c], float) else f"{row[c]:>18}" for c in cols))
-    seg = Segmenter(load_model(args.model))
     nb = 4 if args.quick else 8
     backgrounds = background_instances(seg, nb)
     print(f"\ninstances on {nb} object-free backgrounds (false positives): {backgrounds}")
