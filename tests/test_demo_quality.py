@@ -47,16 +47,16 @@ def test_demo_was_trained_within_30_minutes(demo):
 
 
 def test_text_only_iou(scores):
-    assert scores["nucleus"]["text_iou"] >= 0.82  # measured 0.93 (50 images; this set 0.92)
-    for concept in ("mitochondrion", "vesicle"):  # measured 0.78, 0.76 (this set: 0.80, 0.68)
+    assert scores["nucleus"]["text_iou"] >= 0.82  # measured 0.92 (50 images; this set 0.91)
+    for concept in ("mitochondrion", "vesicle"):  # measured 0.77, 0.74 (this set: 0.78, 0.66)
         assert scores[concept]["text_iou"] >= 0.55, (concept, scores[concept])
 
 
 def test_point_instance_iou_and_f1(scores):
-    assert scores["nucleus"]["point_iou"] >= 0.6  # measured 0.81 (50 images; this set, 14 clicks: 0.68)
-    assert scores["vesicle"]["point_iou"] >= 0.65  # measured 0.85 (this set: 0.78)
-    assert scores["nucleus"]["instance_f1"] >= 0.75  # measured 0.88 (50 images; this set 0.87)
-    for concept in ("mitochondrion", "vesicle"):  # measured 0.79, 0.92 (this set: 0.73, 0.85)
+    assert scores["nucleus"]["point_iou"] >= 0.6  # measured 0.80 (50 images; this set, 14 clicks: 0.69)
+    assert scores["vesicle"]["point_iou"] >= 0.65  # measured 0.81 (this set: 0.75)
+    assert scores["nucleus"]["instance_f1"] >= 0.75  # measured 0.87 (50 images; this set 0.84)
+    for concept in ("mitochondrion", "vesicle"):  # measured 0.80, 0.91 (this set: 0.78, 0.88)
         assert scores[concept]["instance_f1"] >= 0.65, (concept, scores[concept])
 
 
@@ -90,7 +90,7 @@ def test_no_objects_on_object_free_backgrounds(demo):
 
 def test_leakage_and_absent(scores):
     for concept, row in scores.items():
-        assert row["leakage"] <= 0.05, (concept, row)  # measured <= 0.010 (this set <= 0.011)
+        assert row["leakage"] <= 0.05, (concept, row)  # measured <= 0.009 (this set <= 0.010)
         assert row["absent_empty_rate"] >= 0.9, (concept, row)  # measured 100 % (this set: 6 of 6)
 
 
@@ -202,8 +202,8 @@ def test_instances_lie_where_the_text_map_is(demo):
         for support in counts:
             counts[support] += match_instances(seg.segment_text("vesicle", min_support=support).labels, gt)
     (_, fp0, _), (_, fp, _) = counts[0.0], counts[0.5]
-    assert fp <= fp0 / 2, counts  # measured FP 21 -> 2 (TP 69 -> 67)
-    assert f1_score(*counts[0.5]) >= f1_score(*counts[0.0]) + 0.05, counts  # measured 0.82 -> 0.91
+    assert fp <= fp0 / 2, counts  # measured FP 26 -> 3 (TP 67 -> 65)
+    assert f1_score(*counts[0.5]) >= f1_score(*counts[0.0]) + 0.05, counts  # measured 0.78 -> 0.89
 
 
 def test_fine_tuning_validation_scores_the_instances_segment_text_returns():
