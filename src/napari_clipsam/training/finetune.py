@@ -559,7 +559,6 @@ class _Snapshot:
             elif hasattr(model, attr):
                 delattr(model, attr)
 
-
     def restore_flags(self, model: ClipSam) -> None:
         """``requires_grad`` and training flags as they were (by name, LoRA's wrapping undone);
         parameters that are new since (LoRA factors attached meanwhile) are frozen."""
