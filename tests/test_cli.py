@@ -408,6 +408,56 @@ def test_bad_log_level_is_a_usage_error_and_a_closed_pipe_is_not_an_error():
     assert proc.wait(timeout=300) == 0 and err == "", err
 
 
+#: A child that runs the command as ``napari-clipsam`` does, but stops in the import of one module
+#: (printing "held") until the parent's Ctrl-C (a real SIGINT) arrives.
+_HELD_IMPORT = """
+import importlib.abc, sys, time
+held = sys.argv[1]
+
+class Hold(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == held:
+            print("held", flush=True)
+            time.sleep(120)
+        return None
+
+sys.meta_path.insert(0, Hold())
+from napari_clipsam.__main__ import run
+sys.exit(run(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("held", ["napari_clipsam.cli",  # while the command's own modules load
+                                  "napari_clipsam.models.registry",  # main's first lazy import
+                                  "napari_clipsam.data.synthetic"])  # inside the sample command
+def test_ctrl_c_ends_with_one_line_and_status_130_whenever_it_comes(tmp_path, held):
+    import signal
+    import sys
+
+    out = tmp_path / "sample.tif"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NAPARI_CLIPSAM_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _HELD_IMPORT, held, "sample", "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline() == "held\n"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err == "napari-clipsam: interrupted\n", err
+    assert not out.exists()
+
+
+def test_python_m_napari_clipsam_is_the_command():
+    import sys
+
+    from napari_clipsam import __version__
+
+    res = subprocess.run([sys.executable, "-m", "napari_clipsam", "--version"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout == f"napari-clipsam {__version__}\n", res.stderr
+
+
 def test_finetune_takes_one_text(tmp_path):
     img = _write(tmp_path / "img.tif", make_image(HELD_OUT + 41, size=64).image)
     res = run_cli("finetune", "--images", img, "--labels", img, "--text", "nucleus", "--text", "vesicle",

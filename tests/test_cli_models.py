@@ -15,12 +15,12 @@ from napari_clipsam.models import registry
 
 
 def _cli_argv() -> list[str]:
-    """The installed console script when there is one, else ``python -m napari_clipsam.cli``."""
+    """The installed console script when there is one, else ``python -m napari_clipsam``."""
     script = Path(sys.executable).with_name("napari-clipsam")
     if script.is_file():
         return [str(script)]
     found = shutil.which("napari-clipsam")
-    return [found] if found else [sys.executable, "-m", "napari_clipsam.cli"]
+    return [found] if found else [sys.executable, "-m", "napari_clipsam"]
 
 
 def _run(*args: str, **env: str) -> subprocess.CompletedProcess:

@@ -96,4 +96,4 @@ def test_wheel_contains_the_manifest_once(tmp_path):
         assert licence and "BSD 3-Clause" in z.read(licence[0]).decode()
         eps = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     assert "[napari.manifest]\nnapari-clipsam = napari_clipsam:napari.yaml" in eps
-    assert "napari-clipsam = napari_clipsam.cli:main" in eps
+    assert "napari-clipsam = napari_clipsam.__main__:run" in eps

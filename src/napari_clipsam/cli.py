@@ -831,7 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 error, 2 usage error)."""
+    """Run the CLI; returns the exit status (0 ok, 1 error, 2 usage error). Ctrl-C raises
+    ``KeyboardInterrupt``: the ``napari-clipsam`` command (:func:`napari_clipsam.__main__.run`)
+    reports it with status 130, also while this module is still being imported."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
@@ -846,10 +848,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"napari-clipsam: error: {message}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("napari-clipsam: interrupted", file=sys.stderr)
-        return 130
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+if __name__ == "__main__":  # pragma: no cover  (python -m napari_clipsam.cli: as the command)
+    from napari_clipsam.__main__ import run
+
+    sys.exit(run())
