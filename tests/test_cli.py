@@ -8,7 +8,9 @@ errors, caching, adapters) use a tiny random model saved to a file, so they run 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -431,9 +433,6 @@ sys.exit(run(sys.argv[2:]))
                                   "napari_clipsam.models.registry",  # main's first lazy import
                                   "napari_clipsam.data.synthetic"])  # inside the sample command
 def test_ctrl_c_ends_with_one_line_and_status_130_whenever_it_comes(tmp_path, held):
-    import signal
-    import sys
-
     out = tmp_path / "sample.tif"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NAPARI_CLIPSAM_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-c", _HELD_IMPORT, held, "sample", "-o", str(out)],
@@ -449,8 +448,6 @@ def test_ctrl_c_ends_with_one_line_and_status_130_whenever_it_comes(tmp_path, he
 
 
 def test_python_m_napari_clipsam_is_the_command():
-    import sys
-
     from napari_clipsam import __version__
 
     res = subprocess.run([sys.executable, "-m", "napari_clipsam", "--version"], capture_output=True, text=True,
