@@ -411,9 +411,12 @@ def test_bad_log_level_is_a_usage_error_and_a_closed_pipe_is_not_an_error():
 
 
 #: A child that runs the command as ``napari-clipsam`` does, but stops in the import of one module
-#: (printing "held") until the parent's Ctrl-C (a real SIGINT) arrives.
+#: (printing "held") until the parent's Ctrl-C (a real SIGINT) arrives. It first takes Python's own
+#: SIGINT handler, as a command started from a terminal has it: a test run started in the
+#: background (``cmd &``) passes SIGINT on ignored, and Python then leaves it ignored.
 _HELD_IMPORT = """
-import importlib.abc, sys, time
+import importlib.abc, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 held = sys.argv[1]
 
 class Hold(importlib.abc.MetaPathFinder):
