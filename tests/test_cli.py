@@ -30,9 +30,13 @@ HELD_OUT = 4_000_000  # the demo was trained on seeds < 100_000
 needs_demo = pytest.mark.skipif(model_status("demo") == "not built", reason="demo model file not built")
 
 
+def cli_env() -> dict[str, str]:
+    """The environment of a command run by these tests: one thread, no downloads."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "NAPARI_CLIPSAM_OFFLINE": "1"}
+
+
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NAPARI_CLIPSAM_OFFLINE": "1"}
-    return subprocess.run([*_cli_argv(), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
+    return subprocess.run([*_cli_argv(), *map(str, args)], capture_output=True, text=True, env=cli_env(), cwd=cwd,
                           timeout=600)
 
 
@@ -402,9 +406,8 @@ def test_quiet_scheduler_run_prints_nothing_and_log_level_shows_dask(tmp_path, t
 def test_bad_log_level_is_a_usage_error_and_a_closed_pipe_is_not_an_error():
     res = run_cli("--log-level", "verbose", "models", "list")
     assert res.returncode == 2 and "invalid choice: 'VERBOSE'" in res.stderr and "Traceback" not in res.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NAPARI_CLIPSAM_OFFLINE": "1"}
     proc = subprocess.Popen([*_cli_argv(), "models", "list", "-v"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env)
+                            env=cli_env())
     proc.stdout.close()  # like `| head -c 0`: the reader is gone before the table is printed
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 0 and err == "", err
@@ -437,9 +440,8 @@ sys.exit(run(sys.argv[2:]))
                                   "napari_clipsam.data.synthetic"])  # inside the sample command
 def test_ctrl_c_ends_with_one_line_and_status_130_whenever_it_comes(tmp_path, held):
     out = tmp_path / "sample.tif"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NAPARI_CLIPSAM_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-c", _HELD_IMPORT, held, "sample", "-o", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
     try:
         assert proc.stdout.readline() == "held\n"
         proc.send_signal(signal.SIGINT)
